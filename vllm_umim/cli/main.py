@@ -1,0 +1,166 @@
+"""``vllm-umim``: fetch the offline model and corpus, mine rules, inspect them, generate.
+
+Each subcommand lives in a small function ``cmd_<name>(args)``; ``build_parser`` wires them.
+Commands that start a vLLM engine keep their imports local, so ``vllm-umim inspect`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from vllm_umim.errors import UmimError
+
+
+def cmd_fetch_model(args) -> None:
+    from vllm_umim.data.model import fetch_model
+
+    print(fetch_model(args.name, out=args.out))
+
+
+def cmd_fetch_corpus(args) -> None:
+    from vllm_umim.data.corpus import fetch_corpus
+
+    print(fetch_corpus(args.name, out=args.out))
+
+
+def cmd_mine(args) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_umim.data.corpus import read_documents
+    from vllm_umim.rules import mine_rules, save_rules
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    documents = read_documents(args.corpus)
+    started = time.perf_counter()
+    rules, report = mine_rules(
+        documents,
+        tokenizer,
+        threshold=args.threshold,
+        max_n=args.max_n,
+        filter_overlaps=not args.no_filter,
+        source=str(args.corpus),
+    )
+    save_rules(rules, args.output)
+    print(f"mined {report.num_tokens} tokens from {report.num_documents} documents in {time.perf_counter() - started:.1f} s")
+    for n in sorted(report.kept):
+        print(f"  {n}-grams: {report.frequent[n]} with frequency >= {args.threshold}, {report.kept[n]} kept after overlap filtering")
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    print(f"wrote {args.output}: {rules.summary()}")
+
+
+def cmd_inspect(args) -> None:
+    from vllm_umim.rules import load_rules
+    from vllm_umim.rules.file_format import read_header
+
+    header, _ = read_header(args.rules)
+    rules = load_rules(args.rules)
+    tokenizer = None
+    if args.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        rules.check_tokenizer(tokenizer)
+    shown = {k: v for k, v in header.items() if k not in ("tables",)}
+    print(json.dumps(shown, indent=2))
+    print(rules.summary())
+    for n in rules.lengths:
+        order = rules.counts[n].argsort()[::-1][: args.examples]
+        print(f"most frequent {n}-grams:")
+        for i in order:
+            tokens = rules.ngrams[n][i].tolist()
+            text = repr(tokenizer.decode(tokens)) if tokenizer else tokens
+            print(f"  {int(rules.counts[n][i]):>8}  {text}")
+
+
+def cmd_generate(args) -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_umim.reference import bracketed
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    if args.engine == "reference":
+        from vllm_umim.cli.reference_generate import reference_generate
+
+        result = reference_generate(args, tokenizer, prompt_ids)
+    else:
+        from vllm_umim.cli.engine_generate import engine_generate
+
+        result = engine_generate(args, tokenizer, prompt_ids)
+    print(bracketed(result.elements, tokenizer))
+    raw, compressed = result.raw_length, len(result.elements)
+    print(
+        f"\n-- {args.engine}: {raw} raw tokens -> {compressed} positions "
+        f"(token reduction {100 * (1 - compressed / raw):.1f} %; prefill merges {result.prefill_merges}, "
+        f"decode merges {result.decode_merges})"
+    )
+
+
+def cmd_demo(args) -> None:
+    from vllm_umim.cli.demo import run_demo
+
+    run_demo(args.prompts, args.max_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-umim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch-model", help="write an offline HF folder for a known model")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser("fetch-corpus", help="write the offline corpus as train.txt / heldout.txt")
+    p.add_argument("name", nargs="?", default="wiki")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_fetch_corpus)
+
+    p = sub.add_parser("mine", help="mine merge rules (paper §3.1, App. A)")
+    p.add_argument("--model", required=True, help="model folder (its tokenizer is used)")
+    p.add_argument("--corpus", required=True, type=Path, help="text file, one document per line")
+    p.add_argument("--threshold", type=int, default=5)
+    p.add_argument("--max-n", type=int, default=4)
+    p.add_argument("--no-filter", action="store_true", help="skip the hierarchical overlap filtering")
+    p.add_argument("-o", "--output", required=True, type=Path)
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("inspect", help="show a rules file")
+    p.add_argument("rules", type=Path)
+    p.add_argument("--model", help="decode examples with this model's tokenizer (and check it matches)")
+    p.add_argument("--examples", type=int, default=5)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate with merging, merged spans [bracketed]")
+    p.add_argument("--model", required=True)
+    p.add_argument("--rules", required=True, type=Path)
+    p.add_argument("--module", default=None, help="merge module file, or 'mean' (default: beside the rules)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--dynamic", action="store_true", help="also merge during decoding (pseudocode 4)")
+    p.add_argument("--engine", choices=("reference", "vllm"), default="reference")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="shipped SmolLM2 rules + module: vLLM engine vs reference")
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UmimError as exc:
+        print(f"vllm-umim: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

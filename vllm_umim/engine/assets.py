@@ -1,0 +1,28 @@
+"""Loading the rules and merge module an engine runs with (once per process)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from vllm_umim.engine.config import UmimConfig
+from vllm_umim.module import model_identity, resolve_module
+from vllm_umim.rules import RuleSet, load_rules
+
+
+@lru_cache(maxsize=4)
+def load_engine_rules(path: str) -> RuleSet:
+    rules = load_rules(path)
+    if len(rules):
+        rules.index  # build the matcher's hash index once, up front
+    return rules
+
+
+def load_engine_module(config: UmimConfig, hf_config, rules: RuleSet):
+    """The merge module for this model and these rules; raises on any mismatch."""
+    module, _ = resolve_module(
+        config.module_path(),
+        hidden_size=hf_config.hidden_size,
+        model=model_identity(hf_config),
+        tokenizer_fingerprint=rules.tokenizer_fingerprint,
+    )
+    return module

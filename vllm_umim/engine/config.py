@@ -1,0 +1,86 @@
+"""UMIM engine options: where they live in vLLM's config, and which vLLM setups are refused.
+
+All options sit in one place, ``additional_config["umim"]`` (so they reach the EngineCore and
+every worker and are part of vLLM's config hash)::
+
+    LLM(model, additional_config={"umim": {"rules": "rules.bin"}})
+    vllm serve MODEL --umim-rules rules.bin
+
+Keys: ``rules`` (path, required), ``module`` (merge module path; default: the module named in or
+beside the rules file), ``mode`` ("dynamic": prompt and decode merging, pseudocode 4, the default;
+"prompt": prompt-only merging, pseudocode 3).
+
+Per request, ``SamplingParams(extra_args={"umim": False})`` (``vllm_xargs`` on the OpenAI server)
+serves that request unmerged; ``"prompt"`` or ``"dynamic"`` picks its mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_umim.errors import UmimError
+
+CONFIG_KEY = "umim"
+MODES = ("dynamic", "prompt")
+DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
+
+
+@dataclass(frozen=True)
+class UmimConfig:
+    rules: str
+    module: str | None = None
+    mode: str = "dynamic"
+
+    @property
+    def dynamic(self) -> bool:
+        return self.mode == "dynamic"
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "UmimConfig":
+        if not isinstance(options, dict):
+            raise UmimError(f"additional_config['{CONFIG_KEY}'] must be a dict, got {type(options).__name__}")
+        unknown = set(options) - {"rules", "module", "mode"}
+        if unknown:
+            raise UmimError(f"unknown UMIM option(s) {sorted(unknown)}; expected rules, module, mode")
+        if not options.get("rules"):
+            raise UmimError("UMIM needs a rules file: additional_config={'umim': {'rules': 'rules.bin'}}")
+        mode = options.get("mode", "dynamic")
+        if mode not in MODES:
+            raise UmimError(f"UMIM mode must be one of {MODES}, got {mode!r}")
+        return cls(rules=str(options["rules"]), module=options.get("module") or None, mode=mode)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> "UmimConfig | None":
+        options = (vllm_config.additional_config or {}).get(CONFIG_KEY)
+        return None if options is None else cls.from_dict(options)
+
+    def module_path(self) -> Path | None:
+        """The merge module: the configured path, else one beside the rules file, else None."""
+        if self.module:
+            return Path(self.module)
+        for name in DEFAULT_MODULE_NAMES:
+            candidate = Path(self.rules).with_name(name)
+            if candidate.is_file():
+                return candidate
+        return None
+
+
+def check_vllm_config(vllm_config) -> None:
+    """Refuse, with one clear message, vLLM setups where a rollback cannot be honoured."""
+    problems = []
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding (draft tokens and merge rollbacks would both rewrite the KV tail)")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        problems.append("pipeline parallelism (later stages would not see the merged inputs)")
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        problems.append("tensor parallelism > 1 (not verified on this build; run with tensor_parallel_size=1)")
+    if vllm_config.scheduler_config.async_scheduling:
+        problems.append("async scheduling (a merge decided after sampling would arrive one step late)")
+    model_config = vllm_config.model_config
+    if model_config.is_hybrid or getattr(model_config, "is_attention_free", False):
+        problems.append("hybrid or recurrent models (their state cannot roll back)")
+    if getattr(model_config, "runner_type", "generate") != "generate":
+        problems.append(f"runner type {model_config.runner_type!r} (UMIM merges generation)")
+    if problems:
+        raise UmimError("UMIM cannot run with " + "; ".join(problems))

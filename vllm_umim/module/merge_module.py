@@ -1,0 +1,87 @@
+"""The UMIM merge module: attention pooling of a span's static input embeddings (paper §3.2, App. B).
+
+A span of n token embeddings ``e(x_{t:t+n}) ∈ R^{n×d}`` becomes ONE surrogate embedding
+
+    M(e) = W^o [o_1; …; o_h],   o_i = softmax(q_i^T W_i^k e / sqrt(d_h)) (W_i^v e)
+
+with a learnable query ``Q = [q_1; …; q_h] ∈ R^d`` split over h heads — d + 3d² parameters
+(``variant="paper"``). ``variant="token_processor"`` is the App. B pseudocode 2 form: the span first
+goes through an MLP + GELU + LayerNorm "token processor", whose output serves as both keys and
+values of the pooling, followed by the output projection.
+
+The module sees only static embeddings, never the LM's hidden states, so a span's surrogate does
+not depend on its context: it can be computed for any batch of spans in one call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+VARIANTS = ("paper", "token_processor")
+
+
+@dataclass(frozen=True)
+class MergeModuleConfig:
+    """Architecture of a merge module; stored in the module file's metadata."""
+
+    hidden_size: int
+    num_heads: int = 4
+    variant: str = "paper"
+    max_span: int = 4
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown merge module variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MergeModule(nn.Module):
+    """Maps padded spans ``[S, max_span, d]`` with lengths ``[S]`` to surrogates ``[S, d]``.
+
+    Initialised as the *mean-pooling baseline*: zero query (uniform attention), identity value and
+    output projections, so an untrained module returns the mean of the span's embeddings and
+    training starts from that baseline (paper §4 compares against no learning).
+    """
+
+    def __init__(self, config: MergeModuleConfig):
+        super().__init__()
+        self.config = config
+        d, h = config.hidden_size, config.num_heads
+        self.num_heads, self.head_dim = h, d // h
+        self.query = nn.Parameter(torch.zeros(h, self.head_dim))
+        if config.variant == "paper":
+            self.key_proj = nn.Linear(d, d, bias=False)
+            self.value_proj = nn.Linear(d, d, bias=False)
+            nn.init.normal_(self.key_proj.weight, std=1.0 / math.sqrt(d))
+            nn.init.eye_(self.value_proj.weight)
+        else:
+            self.token_processor = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
+        self.output_proj = nn.Linear(d, d, bias=False)
+        nn.init.eye_(self.output_proj.weight)
+
+    def forward(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor) -> torch.Tensor:
+        """span_embeds: [S, L, d] (rows past each length are ignored); span_lengths: [S] in 1..L."""
+        num_spans, max_len, d = span_embeds.shape
+        if self.config.variant == "paper":
+            keys, values = self.key_proj(span_embeds), self.value_proj(span_embeds)
+        else:
+            keys = values = self.token_processor(span_embeds)
+        keys = keys.view(num_spans, max_len, self.num_heads, self.head_dim)
+        values = values.view(num_spans, max_len, self.num_heads, self.head_dim)
+        scores = torch.einsum("slhd,hd->shl", keys, self.query.to(keys.dtype)) / math.sqrt(self.head_dim)
+        padding = torch.arange(max_len, device=span_embeds.device)[None, :] >= span_lengths[:, None]
+        scores = scores.masked_fill(padding[:, None, :], float("-inf"))
+        weights = scores.softmax(dim=-1)  # [S, h, L]
+        pooled = torch.einsum("shl,slhd->shd", weights, values).reshape(num_spans, d)
+        return self.output_proj(pooled)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

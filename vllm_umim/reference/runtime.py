@@ -1,0 +1,205 @@
+"""Reference UMIM runtime on HF transformers: paper App. D, pseudocode 3 and 4, batch 1.
+
+This is the correctness oracle for the vLLM engine, so it is written to be obviously right, not
+fast. A compressed sequence is a list of ``Element``s: a plain token, or a merged span whose input
+embedding is the merge module's surrogate. Positions are the compacted indices 0..len-1.
+
+* prompt-only merging (pseudocode 3): merge the prompt once, then decode normally;
+* dynamic merging (pseudocode 4): additionally, after each sampled token, if the newest plain
+  elements form a rule n-gram, drop the n-1 older ones from the KV cache and feed one surrogate
+  at the span's first position instead of the new token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from vllm_umim.rules import RuleSet
+from vllm_umim.rules.ruleset import MAX_SPAN
+
+SINGLE = -1  # rule id of an element that is one plain token
+
+
+@dataclass(frozen=True)
+class Element:
+    """One position of a compressed sequence."""
+
+    tokens: tuple[int, ...]
+    rule_id: int = SINGLE
+
+    @property
+    def merged(self) -> bool:
+        return self.rule_id != SINGLE
+
+
+@dataclass
+class Generation:
+    """What a reference generation produced; every raw token is kept."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    elements: list[Element]  # the final compressed sequence: prompt and output
+    prompt_elements: int  # compressed prompt length
+    prefill_merges: int = 0
+    decode_merges: int = 0
+    finish_reason: str = "length"
+    elements_history: list[int] = field(default_factory=list)  # compressed length after each step
+
+    @property
+    def raw_length(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def token_reduction(self) -> float:
+        return 1.0 - len(self.elements) / max(self.raw_length, 1)
+
+
+def merge_prompt(token_ids: list[int], rules: RuleSet) -> list[Element]:
+    """Pseudocode 3's prompt merging, via the matcher (longest n first, left to right)."""
+    spans = rules.find_spans([token_ids])[0] if token_ids else []
+    elements = []
+    for i, rule_id in enumerate(spans):
+        if rule_id >= 0:
+            elements.append(Element(rules.tokens_of(rule_id), rule_id))
+        elif rule_id == SINGLE:
+            elements.append(Element((token_ids[i],)))
+    return elements
+
+
+def merge_newest(elements: list[Element], rules: RuleSet) -> int:
+    """Pseudocode 4's check: rule id if the newest plain elements form a rule, else -1.
+
+    Only trailing *plain* elements can take part: a span containing a merged element is not in R.
+    """
+    tail = []
+    for element in reversed(elements[-rules.max_n :] if rules.max_n else []):
+        if element.merged:
+            break
+        tail.append(element.tokens[0])
+    return rules.match_suffix(tail[::-1])
+
+
+class ReferenceRuntime:
+    """Runs a frozen HF causal LM with UMIM merging. ``dynamic=False`` is prompt-only merging."""
+
+    def __init__(self, model, rules: RuleSet, merge_module, dynamic: bool = True):
+        self.model = model.eval()
+        self.rules = rules
+        self.merge_module = merge_module.eval() if merge_module is not None else None
+        self.dynamic = dynamic
+        self.embedding = model.get_input_embeddings()
+
+    @torch.no_grad()
+    def embed(self, elements: list[Element]) -> torch.Tensor:
+        """Input embeddings [len, d]: a token's embedding, or the surrogate of a merged span."""
+        rows = []
+        for element in elements:
+            token_embeds = self.embedding(torch.tensor(element.tokens))
+            if element.merged:  # padded to the module's max span, as the engine batches spans
+                padded = torch.zeros(MAX_SPAN, token_embeds.shape[1], dtype=token_embeds.dtype)
+                padded[: len(element.tokens)] = token_embeds
+                length = torch.tensor([len(element.tokens)])
+                rows.append(self.merge_module(padded[None].to(self._module_dtype), length)[0].to(token_embeds.dtype))
+            else:
+                rows.append(token_embeds[0])
+        return torch.stack(rows)
+
+    @property
+    def _module_dtype(self):
+        return next(self.merge_module.parameters()).dtype
+
+    @torch.no_grad()
+    def forward(self, embeds: torch.Tensor, start: int, cache: DynamicCache) -> torch.Tensor:
+        """Run ``embeds`` at positions start.. on top of ``cache``; logits of the last position."""
+        positions = torch.arange(start, start + len(embeds))[None]
+        out = self.model(inputs_embeds=embeds[None], position_ids=positions, past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].float()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        max_new_tokens: int = 32,
+        eos_token_ids: tuple[int, ...] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        merge_prompt_tokens: bool = True,
+    ) -> Generation:
+        elements = merge_prompt(prompt_token_ids, self.rules) if merge_prompt_tokens else [Element((t,)) for t in prompt_token_ids]
+        result = Generation(list(prompt_token_ids), [], elements, len(elements))
+        result.prefill_merges = sum(e.merged for e in elements)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        cache = DynamicCache()
+        logits = self.forward(self.embed(elements), 0, cache)
+        while len(result.output_token_ids) < max_new_tokens:
+            token = sample(logits, temperature, top_p, top_k, generator)
+            result.output_token_ids.append(token)
+            elements.append(Element((token,)))
+            if token in eos_token_ids:
+                result.finish_reason = "stop"
+                break
+            if len(result.output_token_ids) == max_new_tokens:
+                break
+            rule_id = merge_newest(elements, self.rules) if self.dynamic else -1
+            if rule_id >= 0:  # roll back the n-1 cached elements, feed the surrogate instead
+                n = len(self.rules.tokens_of(rule_id))
+                del elements[-n:]
+                cache.crop(-(n - 1))  # drop the n-1 older elements of the span
+                elements.append(Element(self.rules.tokens_of(rule_id), rule_id))
+                result.decode_merges += 1
+            result.elements_history.append(len(elements))
+            logits = self.forward(self.embed(elements[-1:]), len(elements) - 1, cache)
+        return result
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> int:
+    """Greedy when temperature == 0, else temperature / top-k / top-p sampling."""
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def bracketed(elements: list[Element], tokenizer) -> str:
+    """Text with each merged span in brackets, like the paper's Table 3."""
+    parts = []
+    for element in elements:
+        text = tokenizer.decode(list(element.tokens))
+        parts.append(f"[{text}]" if element.merged else text)
+    return "".join(parts)
+
+
+def replay_merges(prompt_token_ids: list[int], output_token_ids: list[int], rules: RuleSet, dynamic: bool) -> Generation:
+    """The compressed sequence that merging produces for these raw tokens, without running a model.
+
+    Merges depend only on the raw tokens, so this rebuilds what an engine did from its output
+    (for ``vllm-umim generate --engine vllm`` and for checking engine figures).
+    """
+    elements = merge_prompt(prompt_token_ids, rules)
+    result = Generation(list(prompt_token_ids), list(output_token_ids), elements, len(elements))
+    result.prefill_merges = sum(e.merged for e in elements)
+    for token in output_token_ids[:-1]:  # the last token is never fed back
+        elements.append(Element((token,)))
+        rule_id = merge_newest(elements, rules) if dynamic else -1
+        if rule_id >= 0:
+            n = len(rules.tokens_of(rule_id))
+            del elements[-n:]
+            elements.append(Element(rules.tokens_of(rule_id), rule_id))
+            result.decode_merges += 1
+    if output_token_ids:
+        elements.append(Element((output_token_ids[-1],)))
+    return result
