@@ -27,7 +27,7 @@ at::Tensor build_rule_index(const at::Tensor& rules_in) {
   TORCH_CHECK(num_rules < (int64_t{1} << 30), "too many rules: ", num_rules);
 
   int64_t capacity = 16;
-  while (capacity < 2 * num_rules) capacity *= 2;
+  while (capacity < 4 * num_rules) capacity *= 2;  // at most 1/4 full: misses rarely probe
   at::Tensor index = at::full({capacity}, kNone, rules.options());
 
   const RuleTable table{rules.data_ptr<int32_t>(), index.data_ptr<int32_t>(), capacity};

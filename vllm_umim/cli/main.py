@@ -106,6 +106,18 @@ def cmd_demo(args) -> None:
     run_demo(args.prompts, args.max_tokens)
 
 
+def cmd_train(args) -> None:
+    from vllm_umim.training.cli import run_train
+
+    run_train(args)
+
+
+def cmd_eval(args) -> None:
+    from vllm_umim.evaluation.cli import run_eval
+
+    run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-umim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=40)
     p.set_defaults(func=cmd_demo)
+
+    from vllm_umim.evaluation.cli import add_eval_arguments
+    from vllm_umim.training.cli import add_train_arguments
+
+    p = sub.add_parser("train", help="train a merge module by sequential computation distillation (paper §3.3)")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="alignment metrics, token reduction, two-stage PPL and QA of a merge module")
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

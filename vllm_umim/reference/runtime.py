@@ -47,6 +47,7 @@ class Generation:
     decode_merges: int = 0
     finish_reason: str = "length"
     elements_history: list[int] = field(default_factory=list)  # compressed length after each step
+    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit at each step
 
     @property
     def raw_length(self) -> int:
@@ -137,6 +138,8 @@ class ReferenceRuntime:
         cache = DynamicCache()
         logits = self.forward(self.embed(elements), 0, cache)
         while len(result.output_token_ids) < max_new_tokens:
+            top2 = torch.topk(logits, 2).values
+            result.margins.append(float(top2[0] - top2[1]))
             token = sample(logits, temperature, top_p, top_k, generator)
             result.output_token_ids.append(token)
             elements.append(Element((token,)))

@@ -189,3 +189,28 @@ def student_embeddings(batch: Batch, embedding: torch.nn.Embedding, module) -> t
         surrogate = module(spans.to(mod_dtype), lengths).to(out.dtype)
         out = out.masked_scatter(merged[..., None], surrogate)
     return out * batch.attention_mask[..., None].to(out.dtype)
+
+
+def corpus_windows(
+    corpus_path,
+    tokenizer,
+    seq_len: int,
+    num_train_tokens: int,
+    val_windows: int = 32,
+    seed: int = 0,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(train windows, validation windows) from a one-document-per-line corpus.
+
+    The whole corpus is tokenized and cut into ``seq_len`` windows, which are shuffled with a
+    fixed seed; the last ``val_windows`` of the permutation are the validation set (for early
+    stopping) and the first ``num_train_tokens // seq_len`` the training set, so a larger
+    budget extends a smaller one (the teacher cache resumes) and never overlaps validation.
+    """
+    from vllm_umim.data.corpus import read_documents
+
+    windows = make_windows(tokenize_corpus(read_documents(corpus_path), tokenizer), seq_len)
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = [windows[i] for i in order[len(order) - val_windows :]] if val_windows else []
+    available = len(order) - val_windows
+    n_train = min(num_train_tokens // seq_len, available)
+    return [windows[i] for i in order[:n_train]], val

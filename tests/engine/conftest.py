@@ -1,0 +1,96 @@
+"""vLLM engines shared by the engine tests (one start each per session: ~30 s apiece)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m"
+RULES = ARTIFACTS / "rules.bin"
+ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+
+
+def module_for_tests() -> str:
+    """The shipped trained module once it exists, else the untrained mean-pooling baseline."""
+    trained = ARTIFACTS / "module.safetensors"
+    return str(trained) if trained.is_file() else "mean"
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from vllm_umim.data.model import fetch_model
+
+    return str(fetch_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def heldout_prompts(tokenizer) -> list[list[int]]:
+    """60 held-out Wikipedia openings, 64 tokens each (articles shorter than that skipped)."""
+    from vllm_umim.data.corpus import fetch_corpus, read_documents
+
+    prompts = []
+    for document in read_documents(fetch_corpus("wiki") / "heldout.txt"):
+        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+        if len(ids) >= 64:
+            prompts.append(ids[:64])
+        if len(prompts) == 60:
+            break
+    return prompts
+
+
+@pytest.fixture(scope="session")
+def empty_rules(tmp_path_factory, tokenizer) -> str:
+    from vllm_umim.rules import RuleSet, save_rules, tokenizer_fingerprint
+
+    path = tmp_path_factory.mktemp("rules") / "empty.bin"
+    empty = RuleSet(tokenizer_fingerprint(tokenizer), len(tokenizer), 5, {2: np.zeros((0, 2), np.int32)}, {2: np.zeros(0, np.uint32)})
+    save_rules(empty, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def stock_llm(model_dir):
+    from vllm import LLM
+
+    return LLM(model=model_dir, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def umim_llm(model_dir):
+    from vllm import LLM
+
+    return LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def empty_rules_llm(model_dir, empty_rules):
+    from vllm import LLM
+
+    return LLM(model=model_dir, additional_config={"umim": {"rules": empty_rules, "module": "mean"}}, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def token_prompts(prompts):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=p) for p in prompts]

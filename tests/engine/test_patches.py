@@ -1,0 +1,79 @@
+"""The vLLM methods vllm_umim wraps still exist with the parameters it relies on (vLLM 0.32.0)."""
+
+from types import SimpleNamespace
+
+import pytest
+import vllm
+
+from vllm_umim.engine.config import UmimConfig, check_vllm_config
+from vllm_umim.engine.patches import PATCHED, PINNED_VLLM, apply_patches, patched_signatures
+from vllm_umim.errors import UmimError
+
+
+def test_vllm_version_is_the_pinned_one():
+    assert vllm.__version__.split("+")[0] == PINNED_VLLM
+
+
+def test_patched_methods_keep_their_signatures():
+    apply_patches()
+    signatures = patched_signatures()
+    for owner, name, expected in PATCHED:
+        assert tuple(signatures[f"{owner.__name__}.{name}"]) == expected
+        assert hasattr(getattr(owner, name), "umim_original")
+
+
+def test_patched_vllm_internals_exist():
+    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for owner, name in [
+        (Scheduler, "_update_request_with_output"),
+        (Scheduler, "_free_request"),
+        (Scheduler, "add_request"),
+        (GPUModelRunner, "_update_states"),
+        (InputBatch, "_make_prompt_token_ids_cpu_tensor"),
+        (KVCacheCoordinator, "get_num_cacheable_tokens"),
+    ]:
+        assert callable(getattr(owner, name)), f"{owner.__name__}.{name} is gone"
+    assert isinstance(CachedRequestState.num_tokens, property)
+    import inspect
+
+    assert "num_reprefillable_tokens" in inspect.getsource(KVCacheCoordinator.get_num_cacheable_tokens)
+
+
+def fake_vllm_config(**overrides):
+    values = dict(speculative=None, pp=1, tp=1, async_scheduling=False, hybrid=False, runner="generate")
+    values.update(overrides)
+    return SimpleNamespace(
+        speculative_config=values["speculative"],
+        parallel_config=SimpleNamespace(pipeline_parallel_size=values["pp"], tensor_parallel_size=values["tp"]),
+        scheduler_config=SimpleNamespace(async_scheduling=values["async_scheduling"]),
+        model_config=SimpleNamespace(is_hybrid=values["hybrid"], is_attention_free=False, runner_type=values["runner"]),
+    )
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"speculative": object()}, "speculative decoding"),
+        ({"pp": 2}, "pipeline parallelism"),
+        ({"tp": 2}, "tensor parallelism"),
+        ({"async_scheduling": True}, "async scheduling"),
+        ({"hybrid": True}, "hybrid or recurrent"),
+    ],
+)
+def test_unsupported_setups_are_refused(override, message):
+    check_vllm_config(fake_vllm_config())
+    with pytest.raises(UmimError, match=message):
+        check_vllm_config(fake_vllm_config(**override))
+
+
+def test_options_are_checked():
+    with pytest.raises(UmimError, match="needs a rules file"):
+        UmimConfig.from_dict({})
+    with pytest.raises(UmimError, match="unknown UMIM option"):
+        UmimConfig.from_dict({"rules": "r.bin", "modul": "x"})
+    with pytest.raises(UmimError, match="mode must be one of"):
+        UmimConfig.from_dict({"rules": "r.bin", "mode": "always"})

@@ -1,0 +1,51 @@
+"""Bad or mismatched files stop an engine before it starts, with one error naming the problem."""
+
+import numpy as np
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+from tests.engine.conftest import RULES
+from vllm_umim.engine.patches import apply_patches
+from vllm_umim.errors import MismatchError, ModuleFileError, RulesFileError
+from vllm_umim.module import MergeModule, MergeModuleConfig, save_module
+from vllm_umim.rules import RuleSet, save_rules
+
+pytestmark = pytest.mark.slow
+
+
+def engine_config(model_dir, **umim):
+    apply_patches()
+    return EngineArgs(model=model_dir, dtype="float32", enforce_eager=True, additional_config={"umim": umim}).create_engine_config()
+
+
+def test_corrupt_rules_file(model_dir, tmp_path):
+    bad = tmp_path / "rules.bin"
+    bad.write_bytes(RULES.read_bytes()[:-10])
+    with pytest.raises(RulesFileError, match="truncated"):
+        engine_config(model_dir, rules=str(bad), module="mean")
+
+
+def test_rules_for_another_tokenizer(model_dir, tmp_path):
+    other = RuleSet("0123456789abcdef", 49152, 5, {2: np.array([[1, 2]], np.int32)}, {2: np.array([9], np.uint32)})
+    save_rules(other, tmp_path / "other.bin")
+    with pytest.raises(MismatchError, match="mined for tokenizer 0123456789abcdef"):
+        engine_config(model_dir, rules=str(tmp_path / "other.bin"), module="mean")
+
+
+def test_module_for_another_model(model_dir, tmp_path):
+    model = {"architecture": "X", "hidden_size": 64, "vocab_size": 49152, "num_hidden_layers": 2, "name": "other"}
+    save_module(MergeModule(MergeModuleConfig(64)), tmp_path / "m.safetensors", model, "t", "r")
+    with pytest.raises(MismatchError, match="hidden_size=64"):
+        engine_config(model_dir, rules=str(RULES), module=str(tmp_path / "m.safetensors"))
+
+
+def test_missing_module(model_dir, tmp_path):
+    with pytest.raises(ModuleFileError, match="does not exist"):
+        engine_config(model_dir, rules=str(RULES), module=str(tmp_path / "nope.safetensors"))
+
+
+def test_good_files_select_umim_components(model_dir):
+    config = engine_config(model_dir, rules=str(RULES), module="mean")
+    assert config.scheduler_config.scheduler_cls.endswith("UmimScheduler")
+    assert config.parallel_config.worker_cls.endswith("UmimCPUWorker")
+    assert config.scheduler_config.async_scheduling is False

@@ -1,0 +1,148 @@
+"""``vllm-umim eval``: alignment metrics, TR, two-stage PPL (and QA) of a merge module next to the
+untrained mean-pooling baseline and the base model, on a held-out corpus.
+
+Example::
+
+    OMP_NUM_THREADS=1 vllm-umim eval --model DIR --rules rules.bin --module module.safetensors \\
+        --corpus heldout.txt --windows 64 --qa --limit 50 --json eval.json --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+PAPER_TABLE1 = {  # paper Table 1, Llama-3.2-1.5B (the brief's "Llama-3.2-1B"), percentages
+    "model": "Llama-3.2-1.5B (paper Table 1)", "tr": 37.8, "top1": 74.10, "top3": 74.14, "top10": 75.28,
+    "topp": 91.55, "mrr": 83.30,
+}
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--rules", required=True, type=Path)
+    p.add_argument("--module", action="append", default=None,
+                   help="merge module file (repeatable; NAME=PATH to name it); the 'mean' baseline is always added")
+    p.add_argument("--corpus", required=True, type=Path, help="held-out text, one document per line")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--windows", type=int, default=64, help="held-out windows for alignment/PPL")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ppl", action="store_true", help="alignment only (skip pseudocode 5's skipped-token pass)")
+    p.add_argument("--tr-documents", type=int, default=None, help="documents for the corpus TR (default: all)")
+    p.add_argument("--qa", action="store_true", help="also run multiple-choice QA (App. F.2)")
+    p.add_argument("--limit", type=int, default=50, help="QA items per task")
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,copa,openbookqa")
+    p.add_argument("--compare-rules", type=Path, action="append", default=[],
+                   help="extra rule sets for a threshold trade-off (TR + alignment with the mean baseline)")
+    p.add_argument("--compare-windows", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _load_modules(args, hidden, identity, tok_fp):
+    from vllm_umim.module.file_format import resolve_module
+
+    modules, meta = {}, {}
+    for spec in args.module or []:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("trained" if spec != "mean" else "mean", "", spec)
+        name = name or "trained"
+        module, m = resolve_module(path, hidden, identity, tok_fp)
+        modules[name], meta[name] = module.float().eval(), {"path": path, "training": m.get("training", {})}
+    if "mean" not in modules:
+        module, m = resolve_module("mean", hidden)
+        modules["mean"], meta["mean"] = module.eval(), {"path": "mean", "training": m.get("training", {})}
+    return modules, meta
+
+
+def run_eval(args) -> dict:
+    import json
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_umim.module.file_format import model_identity
+    from vllm_umim.rules import load_rules
+    from vllm_umim.rules.ruleset import tokenizer_fingerprint
+    from vllm_umim.evaluation.suite import evaluate_windows
+    from vllm_umim.evaluation.token_reduction import corpus_token_reduction
+    from vllm_umim.training.batches import corpus_windows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rules = load_rules(args.rules)
+    rules.check_tokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    identity = model_identity(model.config)
+    modules, module_meta = _load_modules(args, model.config.hidden_size, identity, tokenizer_fingerprint(tok))
+    progress = not args.no_progress
+    windows, _ = corpus_windows(args.corpus, tok, args.seq_len, args.windows * args.seq_len, 0, args.seed)
+    result = {
+        "model": identity,
+        "rules": {"path": str(args.rules), "fingerprint": rules.fingerprint, "count": len(rules), "threshold": rules.threshold},
+        "corpus": str(args.corpus),
+        "modules": module_meta,
+        "corpus_tr": corpus_token_reduction(rules, tok, args.corpus, args.tr_documents),
+        "paper_table1": PAPER_TABLE1,
+    }
+    print(f"corpus TR {100 * result['corpus_tr']['tr']:.2f} % over {result['corpus_tr']['documents']} documents", flush=True)
+    result["heldout"] = evaluate_windows(model, modules, rules, windows, ppl=not args.no_ppl, progress=progress)
+    _dump(args, result)
+    print_table(result)
+    if args.compare_rules:
+        result["tradeoff"] = []
+        cw = windows[: args.compare_windows]
+        for path in [args.rules, *args.compare_rules]:
+            r = load_rules(path)
+            r.check_tokenizer(tok)
+            mods = {"mean": modules["mean"]}
+            if path == args.rules:
+                mods.update({k: v for k, v in modules.items() if k != "mean"})
+            ev = evaluate_windows(model, mods, r, cw, ppl=False, progress=progress)
+            row = {"rules": str(path), "count": len(r), "threshold": r.threshold,
+                   "filtered": bool(r.meta.get("filter_overlaps", r.meta.get("filtered", None))),
+                   "tr_windows": ev["tr"], "corpus_tr": corpus_token_reduction(r, tok, args.corpus, args.tr_documents)["tr"],
+                   "top1": {k: v["top1"] for k, v in ev["modules"].items()}, "mrr": {k: v["mrr"] for k, v in ev["modules"].items()},
+                   "meta": {k: v for k, v in r.meta.items() if isinstance(v, (int, float, str, bool))}}
+            result["tradeoff"].append(row)
+            print(json.dumps(row), flush=True)
+            _dump(args, result)
+    if args.qa:
+        from vllm_umim.evaluation.qa import evaluate_qa
+
+        result["qa_limit_per_task"] = args.limit
+        result["qa"] = evaluate_qa(model, tok, rules, modules, args.tasks.split(","), args.limit, progress)
+        for task, r in result["qa"].items():
+            accs = "  ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
+            print(f"{task:14s} n={r['n']:4d}  TR {100 * r['tr']:.1f} %  {accs}", flush=True)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    _dump(args, result)
+    return result
+
+
+def _dump(args, result) -> None:
+    import json
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.json)
+
+
+def print_table(result: dict) -> None:
+    h = result["heldout"]
+    print(f"\nheld-out: {h['windows']} windows, {h['raw_tokens']} tokens, TR {100 * h['tr']:.2f} %; "
+          f"base PPL {h['base_ppl'] if h['base_ppl'] is None else round(h['base_ppl'], 3)}")
+    print(f"{'module':34s} {'TR':>6s} {'Top-1':>6s} {'Top-3':>6s} {'Top-10':>6s} {'Top-p':>6s} {'MRR':>6s} {'PPL':>8s}")
+    for name, m in h["modules"].items():
+        ppl = "-" if m["ppl"] is None else f"{m['ppl']:.3f}"
+        print(f"{name:34s} {100 * h['tr']:6.1f} {100 * m['top1']:6.2f} {100 * m['top3']:6.2f} {100 * m['top10']:6.2f} "
+              f"{100 * m['topp']:6.2f} {100 * m['mrr']:6.2f} {ppl:>8s}")
+    p = result["paper_table1"]
+    print(f"{p['model']:34s} {p['tr']:6.1f} {p['top1']:6.2f} {p['top3']:6.2f} {p['top10']:6.2f} {p['topp']:6.2f} {p['mrr']:6.2f} {'-':>8s}")

@@ -1,0 +1,98 @@
+"""``vllm-umim train``: build the teacher cache (once, resumable), then distil a merge module.
+
+Kept free of heavy imports at module level so building the CLI parser stays fast.
+
+Single process::
+
+    OMP_NUM_THREADS=1 vllm-umim train --model DIR --rules rules.bin --corpus train.txt \\
+        -o module.safetensors --max-tokens 524288 --threads 1
+
+Two CPU processes (torch DDP, gloo)::
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m vllm_umim.cli.main train ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder (frozen teacher and student LM)")
+    p.add_argument("--rules", required=True, type=Path)
+    p.add_argument("--corpus", required=True, type=Path, help="training text, one document per line")
+    p.add_argument("-o", "--output", required=True, type=Path, help="final merge module (.safetensors)")
+    p.add_argument("--max-tokens", type=int, default=100_000, help="training budget in raw tokens (all ranks)")
+    p.add_argument("--cache-tokens", type=int, default=None, help="raw tokens in the teacher cache (default: --max-tokens)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step per rank")
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--schedule", choices=("cosine", "linear"), default="cosine")
+    p.add_argument("--eval-every", type=int, default=50, help="validation every N steps (0: never)")
+    p.add_argument("--patience", type=int, default=3, help="early stopping after N evaluations without improvement (0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--val-windows", type=int, default=32)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--variant", choices=("paper", "token_processor"), default="paper")
+    p.add_argument("--target", choices=("renorm", "bucket"), default="renorm", help="teacher top-k target (see training/loss.py)")
+    p.add_argument("--k", type=int, default=64, help="teacher top-k kept in the cache")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and log.jsonl (default: <output>.run/)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="teacher cache (default: <run-dir>/teacher)")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/ckpt-last.pt")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_train(args) -> dict:
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_umim.rules import load_rules
+    from vllm_umim.rules.ruleset import tokenizer_fingerprint
+    from vllm_umim.training.batches import corpus_windows
+    from vllm_umim.training.teacher_cache import build_cache
+    from vllm_umim.training.trainer import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    run_dir = args.run_dir or args.output.with_name(args.output.name + ".run")
+    cache_dir = args.cache_dir or run_dir / "teacher"
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rules = load_rules(args.rules)
+    rules.check_tokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    cache_tokens = args.cache_tokens or args.max_tokens
+    if rank == 0:
+        train_w, val_w = corpus_windows(args.corpus, tok, args.seq_len, cache_tokens, args.val_windows, args.seed)
+        meta = {"corpus": str(args.corpus), "model": str(args.model)}
+        if val_w:
+            build_cache(model, rules, val_w, cache_dir / "val", k=args.k, manifest=meta, progress=not args.no_progress)
+        build_cache(model, rules, train_w, cache_dir / "train", k=args.k, manifest=meta, progress=not args.no_progress)
+    if world > 1:
+        torch.distributed.barrier()
+    config = TrainConfig(
+        max_tokens=args.max_tokens, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio, schedule=args.schedule, eval_every=args.eval_every, patience=args.patience,
+        checkpoint_every=args.checkpoint_every, target=args.target, seed=args.seed, heads=args.heads,
+        variant=args.variant, progress=not args.no_progress,
+        extra={"rules": str(args.rules), "model_dir": str(args.model)},
+    )
+    meta = train(model, rules, cache_dir, run_dir, config, resume=args.resume, output=args.output,
+                 tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    if rank == 0:
+        print(json.dumps(meta, indent=2))
+        print(f"wrote {args.output}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return meta

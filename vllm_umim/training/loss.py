@@ -1,0 +1,83 @@
+"""Sequential computation distillation loss (paper §3.3, App. C Algorithm 1) on a cached teacher.
+
+The paper's loss is the cross-entropy ``-sum_v p_teacher(v) log p_student(v)`` averaged over the
+loss-masked (aligned) rows; it equals ``KL(teacher || student)`` up to the teacher entropy, a
+constant for the module. Rows are aligned as in :mod:`vllm_umim.training.batches`: student row
+``j`` (compressed) against teacher row ``last[j]`` (raw).
+
+Approximation. The teacher is run once and only its top-k logits (k = 64 by default) and full
+logsumexp are kept (:mod:`vllm_umim.training.teacher_cache`), not the full 49k-way
+distribution. Two targets are available:
+
+* ``"renorm"`` (default): the teacher's top-k distribution renormalised to sum to 1,
+  ``q_i = softmax(topk_logits)_i``, against the student's full log-softmax at those ids:
+  ``L = -sum_i q_i log p_student(id_i)``. This drops the teacher's tail (the mass outside its
+  top-k, typically a few to ~50 % on open text) and slightly sharpens the target; the top of
+  the distribution — what the Top-1/Top-k/MRR metrics score — is kept exactly in ratio.
+* ``"bucket"``: the exact cross-entropy on the (k+1)-bin coarsening {top-k ids, everything
+  else}: teacher probabilities ``exp(logit - lse)`` are exact, the tail bin gets the remaining
+  teacher mass and the student's log-mass outside those ids. This is ``KL`` on the coarsened
+  distributions (a lower bound on the full KL) plus a constant.
+
+The returned value is normalised by the number of supervised rows (``sum(loss_mask)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_umim.training.batches import Batch, check_alignment, student_embeddings
+
+
+def student_logits(model, module, batch: Batch) -> torch.Tensor:
+    """The merged model's logits at the loss-masked rows [R, V] (row-major), with gradients
+    flowing through the frozen LM into the merge module's surrogate embeddings."""
+    embeds = student_embeddings(batch, model.get_input_embeddings(), module)
+    B, M, _ = embeds.shape
+    positions = torch.arange(M)[None].expand(B, M)
+    hidden = model.model(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
+    ).last_hidden_state
+    return model.lm_head(hidden[batch.loss_mask]).float()
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    topk_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    lse: torch.Tensor | None = None,
+    target: str = "renorm",
+) -> torch.Tensor:
+    """Mean cross-entropy of the (cached top-k) teacher against the student's log-softmax.
+
+    logits [R, V] student; topk_logits/topk_ids [R, k] teacher; lse [R] teacher logsumexp
+    (needed for ``target="bucket"``).
+    """
+    if logits.shape[0] != topk_logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} student rows vs {topk_logits.shape[0]} teacher rows: misaligned")
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logp_k = logp.gather(1, topk_ids.long())
+    if target == "renorm":
+        q = F.softmax(topk_logits.float(), dim=-1)
+        return -(q * logp_k).sum(-1).mean()
+    if target == "bucket":
+        if lse is None:
+            raise ValueError("target='bucket' needs the teacher logsumexp")
+        p = (topk_logits.float() - lse[:, None].float()).exp()
+        tail_p = (1.0 - p.sum(-1)).clamp(min=0.0)
+        tail_p = torch.where(tail_p > 1e-6, tail_p, torch.zeros_like(tail_p))  # rounding noise when k = V
+        masked = logp.scatter(1, topk_ids.long(), float("-inf"))
+        tail_logq = torch.logsumexp(masked, dim=-1).clamp(min=-1e4)  # -inf when k = V
+        return -((p * logp_k).sum(-1) + tail_p * tail_logq).mean()
+    raise ValueError(f"unknown distillation target {target!r}; expected 'renorm' or 'bucket'")
+
+
+def batch_loss(model, module, batch: Batch, teacher_rows, target: str = "renorm") -> torch.Tensor:
+    """Algorithm 1 for one batch: check alignment, run the student, compare with cached rows."""
+    check_alignment(batch)
+    topk_logits, topk_ids, lse = teacher_rows
+    logits = student_logits(model, module, batch)
+    return distillation_loss(logits, topk_logits, topk_ids, lse, target)

@@ -1,0 +1,213 @@
+"""Run the frozen teacher once over the training windows and keep its top-k logits.
+
+Only the rows the loss needs are kept (``Batch.teacher_mask``: the last raw token of every
+element from the first merge on). Per row: the top-k logits (fp32), their token ids (int32) and
+the logsumexp over the full vocabulary, so ``exp(logit - lse)`` is the *exact* teacher
+probability of each kept id (and ``1 - sum`` the mass left out).
+
+Layout under ``cache_dir``::
+
+    manifest.json              what the cache was built from (model, rules, seq_len, k, windows)
+    windows.safetensors        int32 [N, seq_len] raw token windows, in training order
+    shard-00000.safetensors    windows [0, W): row_offsets int64 [W+1], topk_ids int32 [R, k],
+                               topk_logits fp32 [R, k], lse fp32 [R]
+    ...
+
+Shards are written atomically (tmp + rename) and skipped when present, so an interrupted build
+resumes where it stopped. ``TeacherCache`` reads the finished shards back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_umim.training.batches import collate, segment
+
+FORMAT = "umim-teacher-cache/1"
+
+
+def teacher_topk(model, batch, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k logits/ids and logsumexp of the teacher at ``batch.teacher_mask`` rows (row-major)."""
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch.raw_ids).last_hidden_state
+        rows = hidden[batch.teacher_mask]
+        logits = model.lm_head(rows).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        values, ids = torch.topk(logits, k, dim=-1)
+    return values, ids.to(torch.int32), lse
+
+
+def build_cache(
+    model,
+    rules,
+    windows: list[list[int]],
+    cache_dir: str | Path,
+    k: int = 64,
+    batch_size: int = 8,
+    shard_windows: int = 256,
+    manifest: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Fill ``cache_dir`` for ``windows`` (resumable). Returns the directory."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format": FORMAT,
+        "k": k,
+        "seq_len": len(windows[0]),
+        "num_windows": len(windows),
+        "shard_windows": shard_windows,
+        "rules_fingerprint": rules.fingerprint,
+        **(manifest or {}),
+    }
+    manifest_path = cache_dir / "manifest.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        for key in ("k", "seq_len", "shard_windows", "rules_fingerprint"):
+            if old.get(key) != info.get(key):
+                raise ValueError(f"teacher cache {cache_dir} was built with {key}={old.get(key)}, not {info.get(key)}")
+        old_windows = load_file(str(cache_dir / "windows.safetensors"))["windows"]
+        n = min(len(old_windows), len(windows))
+        if not torch.equal(old_windows[:n], torch.tensor(windows[:n], dtype=torch.int32)):
+            raise ValueError(f"teacher cache {cache_dir} holds different windows")
+    save_file({"windows": torch.tensor(windows, dtype=torch.int32)}, str(cache_dir / "windows.safetensors"))
+    manifest_path.write_text(json.dumps(info, indent=2))
+
+    model.eval()
+    num_shards = (len(windows) + shard_windows - 1) // shard_windows
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(windows) * len(windows[0]), unit="tok", desc="teacher", smoothing=0.05)
+    started, done_tokens = time.perf_counter(), 0
+    for shard in range(num_shards):
+        path = cache_dir / f"shard-{shard:05d}.safetensors"
+        lo, hi = shard * shard_windows, min((shard + 1) * shard_windows, len(windows))
+        if path.exists():
+            if bar:
+                bar.update((hi - lo) * len(windows[0]))
+            continue
+        offsets, all_ids, all_vals, all_lse = [0], [], [], []
+        for b in range(lo, hi, batch_size):
+            segs = segment(windows[b : min(b + batch_size, hi)], rules)
+            batch = collate(segs)
+            vals, ids, lse = teacher_topk(model, batch, k)
+            counts = batch.teacher_mask.sum(1).tolist()
+            for c in counts:
+                offsets.append(offsets[-1] + c)
+            all_ids.append(ids)
+            all_vals.append(vals)
+            all_lse.append(lse)
+            done_tokens += batch.num_raw_tokens
+            if bar:
+                bar.update(batch.num_raw_tokens)
+        tensors = {
+            "row_offsets": torch.tensor(offsets, dtype=torch.int64),
+            "topk_ids": torch.cat(all_ids).contiguous(),
+            "topk_logits": torch.cat(all_vals).contiguous(),
+            "lse": torch.cat(all_lse).contiguous(),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"first_window": str(lo), "num_windows": str(hi - lo)})
+        tmp.replace(path)
+        elapsed = time.perf_counter() - started
+        if progress:
+            print(json.dumps({"shard": shard, "windows": hi, "tok_per_s": round(done_tokens / max(elapsed, 1e-9), 1)}), flush=True)
+    if bar:
+        bar.close()
+    return cache_dir
+
+
+class TeacherCache:
+    """Read-only view of the finished shards: ``rows(window_indices)`` -> concatenated targets."""
+
+    def __init__(self, cache_dir: str | Path, require_complete: bool = False):
+        self.dir = Path(cache_dir)
+        self.manifest = json.loads((self.dir / "manifest.json").read_text())
+        self.k, self.seq_len = self.manifest["k"], self.manifest["seq_len"]
+        all_windows = load_file(str(self.dir / "windows.safetensors"))["windows"]
+        sw = self.manifest["shard_windows"]
+        offsets, ids, vals, lse = [torch.zeros(1, dtype=torch.int64)], [], [], []
+        n_windows, base = 0, 0
+        shard = 0
+        while (self.dir / f"shard-{shard:05d}.safetensors").exists():
+            t = load_file(str(self.dir / f"shard-{shard:05d}.safetensors"))
+            offsets.append(t["row_offsets"][1:] + base)
+            base += int(t["row_offsets"][-1])
+            ids.append(t["topk_ids"])
+            vals.append(t["topk_logits"])
+            lse.append(t["lse"])
+            n_windows += len(t["row_offsets"]) - 1
+            shard += 1
+            if n_windows != shard * sw and n_windows != len(all_windows):
+                raise ValueError(f"{self.dir}: shard {shard - 1} is incomplete")
+        if require_complete and n_windows < len(all_windows):
+            raise ValueError(f"{self.dir}: only {n_windows} of {len(all_windows)} windows cached")
+        self.windows = all_windows[:n_windows]
+        self.row_offsets = torch.cat(offsets)
+        k = self.k
+        self.topk_ids = torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.int32)
+        self.topk_logits = torch.cat(vals) if vals else torch.zeros(0, k)
+        self.lse = torch.cat(lse) if lse else torch.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self) * self.seq_len
+
+    def window(self, i: int) -> list[int]:
+        return self.windows[i].tolist()
+
+    def rows(self, window_indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(topk_logits [R, k], topk_ids [R, k] long, lse [R]) for these windows, in order."""
+        sel = torch.cat([torch.arange(self.row_offsets[i], self.row_offsets[i + 1]) for i in window_indices])
+        return self.topk_logits[sel], self.topk_ids[sel].long(), self.lse[sel]
+
+    def num_rows(self, i: int) -> int:
+        return int(self.row_offsets[i + 1] - self.row_offsets[i])
+
+
+def main(argv=None) -> None:
+    """``python -m vllm_umim.training.teacher_cache``: build (or resume) the teacher cache alone."""
+    import argparse
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_umim.rules import load_rules
+    from vllm_umim.training.batches import corpus_windows
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--rules", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--max-tokens", type=int, required=True, help="raw training tokens to cache")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--val-windows", type=int, default=32)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rules = load_rules(args.rules)
+    rules.check_tokenizer(tok)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    train, val = corpus_windows(args.corpus, tok, args.seq_len, args.max_tokens, args.val_windows)
+    cache_dir = Path(args.cache_dir)
+    meta = {"corpus": str(args.corpus), "model": str(args.model)}
+    build_cache(model, rules, val, cache_dir / "val", k=args.k, batch_size=args.batch_size, manifest=meta)
+    build_cache(model, rules, train, cache_dir / "train", k=args.k, batch_size=args.batch_size, manifest=meta)
+
+
+if __name__ == "__main__":
+    main()

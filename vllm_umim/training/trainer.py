@@ -1,0 +1,318 @@
+"""Train a merge module by sequential computation distillation (paper §3.3, App. E.2).
+
+* The LM is frozen (``requires_grad=False``) but differentiable: gradients flow through it into
+  the surrogate embeddings and from there into the merge module, the only trainable part.
+* Targets come from a :mod:`teacher cache <vllm_umim.training.teacher_cache>` built once.
+* AdamW (lr 8e-4, weight decay 1e-3, paper App. E.2), linear warmup then cosine (or linear)
+  decay over the run; validation loss every ``eval_every`` steps with early stopping
+  (``patience`` evaluations without improvement); the best module by validation loss is the
+  result, as in the paper.
+* ``max_tokens`` is the budget in *raw* training tokens (windows x seq_len, summed over ranks);
+  epochs repeat over the cached windows until it is spent.
+* Checkpoint (``ckpt-last.pt``: module, optimizer, scheduler, step, counters, history) every
+  ``checkpoint_every`` steps and at the end, plus ``module-step<N>.safetensors`` snapshots;
+  ``resume=True`` continues from ``ckpt-last.pt`` exactly (same data order).
+* ``log.jsonl``: one line per logged step/evaluation (the learning curve).
+* Distributed: under ``torchrun`` (env ``WORLD_SIZE`` > 1) the module is wrapped in torch DDP on
+  the gloo backend; each rank takes every ``world``-th batch of the epoch's permutation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vllm_umim.module.file_format import model_identity, save_module
+from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
+from vllm_umim.training.batches import collate, segment
+from vllm_umim.training.loss import batch_loss
+from vllm_umim.training.teacher_cache import TeacherCache
+
+
+@dataclass
+class TrainConfig:
+    max_tokens: int = 100_000
+    batch_size: int = 8
+    lr: float = 8e-4
+    weight_decay: float = 1e-3
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # or "linear"
+    min_lr_ratio: float = 0.0
+    eval_every: int = 50
+    patience: int = 3
+    checkpoint_every: int = 50
+    log_every: int = 1
+    grad_clip: float = 1.0
+    target: str = "renorm"
+    seed: int = 0
+    heads: int = 4
+    variant: str = "paper"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def freeze(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Trainer:
+    def __init__(self, model, rules, train_cache: TeacherCache, val_cache: TeacherCache | None, out_dir, config: TrainConfig,
+                 module: MergeModule | None = None, tokenizer_fingerprint: str | None = None):
+        self.model = freeze(model)
+        self.rules = rules
+        self.train, self.val = train_cache, val_cache
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg = config
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        torch.manual_seed(config.seed)
+        hidden = model.config.hidden_size
+        self.module = module or MergeModule(MergeModuleConfig(hidden, num_heads=config.heads, variant=config.variant))
+        self.module.train()
+        self.ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.module)  # broadcasts rank 0's init
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        if len(self.train) == 0:
+            raise ValueError("the teacher cache holds no training windows")
+        self.tokens_per_step = config.batch_size * self.train.seq_len * self.world
+        self.total_steps = max(1, math.ceil(config.max_tokens / self.tokens_per_step))
+        self.warmup = int(config.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup, config.schedule, config.min_lr_ratio)
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val = float("inf")
+        self.best_step = -1
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.identity = model_identity(model.config)
+        self.tokenizer_fingerprint = tokenizer_fingerprint or rules.tokenizer_fingerprint
+
+    # ---- data ---------------------------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, len(self.train) // (self.cfg.batch_size * self.world))
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Window indices for this rank at global step ``step`` (deterministic, resumable)."""
+        epoch, within = divmod(step, self.batches_per_epoch)
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)).tolist()
+        bs = self.cfg.batch_size
+        start = (within * self.world + self.rank) * bs
+        return order[start : start + bs]
+
+    def make_batch(self, cache: TeacherCache, indices: list[int]):
+        batch = collate(segment([cache.window(i) for i in indices], self.rules))
+        counts = batch.teacher_mask.sum(1).tolist()
+        cached = [cache.num_rows(i) for i in indices]
+        if counts != cached:
+            raise RuntimeError(f"teacher cache rows {cached} do not match the segmentation {counts}: rules or windows differ")
+        return batch, cache.rows(indices)
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def validate(self) -> float:
+        if self.val is None or len(self.val) == 0:
+            return float("nan")
+        self.module.eval()
+        total, rows = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.val), self.cfg.batch_size):
+                idx = list(range(i, min(i + self.cfg.batch_size, len(self.val))))
+                batch, teacher = self.make_batch(self.val, idx)
+                n = int(batch.loss_mask.sum())
+                total += float(batch_loss(self.model, self.module, batch, teacher, self.cfg.target)) * n
+                rows += n
+        self.module.train()
+        return total / max(rows, 1)
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            self.history.append(record)
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def training_meta(self) -> dict:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "max_tokens": self.cfg.max_tokens,
+            "steps": self.step,
+            "seq_len": self.train.seq_len,
+            "batch_size": self.cfg.batch_size,
+            "world_size": self.world,
+            "teacher_cache_tokens": self.train.num_tokens,
+            "teacher_topk": self.train.k,
+            "target": self.cfg.target,
+            "lr": self.cfg.lr,
+            "weight_decay": self.cfg.weight_decay,
+            "schedule": self.cfg.schedule,
+            "best_val_loss": self.best_val,
+            "best_step": self.best_step,
+            "stopped_early": self.stopped_early,
+            "corpus": self.train.manifest.get("corpus"),
+            "train_seconds": round(self.elapsed, 1),
+            **self.cfg.extra,
+        }
+
+    def save_snapshot(self, path: Path, module_state: dict | None = None) -> None:
+        if self.rank != 0:
+            return
+        module = self.module
+        if module_state is not None:
+            module = MergeModule(self.module.config)
+            module.load_state_dict(module_state)
+        save_module(module, path, self.identity, self.tokenizer_fingerprint, self.rules.fingerprint, self.training_meta())
+
+    def checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        state = {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+            "elapsed": self.elapsed,
+            "config": asdict(self.cfg),
+        }
+        tmp = self.out / "ckpt-last.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.out / "ckpt-last.pt")
+        self.save_snapshot(self.out / f"module-step{self.step}.safetensors")
+
+    def resume(self) -> bool:
+        path = self.out / "ckpt-last.pt"
+        if not path.exists():
+            return False
+        state = torch.load(path, weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("step", "tokens_seen", "best_val", "best_step", "bad_evals", "stopped_early", "elapsed"):
+            setattr(self, key, state[key])
+        return True
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.max_tokens, initial=self.tokens_seen, unit="tok", desc="train", smoothing=0.05)
+        if self.step == 0 and self.rank == 0 and self.val is not None:
+            val = self.validate()
+            self.best_val, self.best_step = val, 0
+            self.save_snapshot(self.out / "best.safetensors")
+            self.log({"step": 0, "tokens": 0, "val_loss": val})
+        trainable = self.ddp or self.module
+        started = time.perf_counter() - self.elapsed
+        ema = None
+        while self.tokens_seen < cfg.max_tokens and not self.stopped_early:
+            indices = self.batch_indices(self.step)
+            batch, teacher = self.make_batch(self.train, indices)
+            loss = batch_loss(self.model, trainable, batch, teacher, cfg.target)
+            if not batch.merged_mask.any():  # keep DDP's reducer fed even without merged spans
+                loss = loss + 0.0 * sum(p.sum() for p in self.module.parameters())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            self.elapsed = time.perf_counter() - started
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            if bar:
+                bar.update(self.tokens_per_step)
+                bar.set_postfix(loss=f"{value:.3f}", ema=f"{ema:.3f}", tokens=self.tokens_seen)
+            if self.step % cfg.log_every == 0:
+                self.log({
+                    "step": self.step, "tokens": self.tokens_seen, "loss": round(value, 5),
+                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tok_per_s": round(self.tokens_seen / max(self.elapsed, 1e-9), 1) if self.step else None,
+                    "elapsed": round(self.elapsed, 1),
+                })
+            last = self.tokens_seen >= cfg.max_tokens
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                self.evaluate_and_maybe_stop()
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last or self.stopped_early):
+                self.checkpoint()
+        if bar:
+            bar.close()
+        if self.cfg.checkpoint_every:
+            self.checkpoint()
+        return self.training_meta()
+
+    def evaluate_and_maybe_stop(self) -> None:
+        stop = torch.zeros(1)
+        if self.rank == 0:
+            val = self.validate()
+            improved = val < self.best_val
+            if improved:
+                self.best_val, self.best_step, self.bad_evals = val, self.step, 0
+                self.save_snapshot(self.out / "best.safetensors")
+            else:
+                self.bad_evals += 1
+            self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": round(val, 5), "best": improved})
+            if self.cfg.patience and self.bad_evals >= self.cfg.patience:
+                stop[0] = 1
+        if self.world > 1:
+            torch.distributed.broadcast(stop, 0)
+        self.stopped_early = bool(stop[0])
+
+    def final_module(self) -> MergeModule:
+        """The best module by validation loss (the last one when there is no validation set)."""
+        best = self.out / "best.safetensors"
+        if self.val is not None and best.exists():
+            from vllm_umim.module.file_format import load_module
+
+            return load_module(best)[0]
+        return self.module
+
+
+def train(model, rules, cache_dir, out_dir, config: TrainConfig, resume: bool = False, output: str | Path | None = None,
+          tokenizer_fingerprint: str | None = None) -> dict:
+    """Train from ``cache_dir/{train,val}`` into ``out_dir``; write the final module to ``output``."""
+    cache_dir = Path(cache_dir)
+    train_cache = TeacherCache(cache_dir / "train")
+    val_cache = TeacherCache(cache_dir / "val") if (cache_dir / "val" / "manifest.json").exists() else None
+    trainer = Trainer(model, rules, train_cache, val_cache, out_dir, config, tokenizer_fingerprint=tokenizer_fingerprint)
+    if resume and trainer.resume() and trainer.rank == 0:
+        print(f"resumed from step {trainer.step} ({trainer.tokens_seen} tokens)", flush=True)
+    meta = trainer.fit()
+    if output is not None and trainer.rank == 0:
+        module = trainer.final_module()
+        meta = {**meta, "selected": "best validation loss" if trainer.val is not None else "last"}
+        save_module(module, output, trainer.identity, trainer.tokenizer_fingerprint, rules.fingerprint, meta)
+    if trainer.world > 1:
+        torch.distributed.barrier()
+    return meta
