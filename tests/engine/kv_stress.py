@@ -25,7 +25,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
 NUM_REQUESTS = 200
 BLOCK_SIZE = 16
-NUM_BLOCKS = 96  # 1,536 token slots for up to 64 running requests: preemption is certain
+NUM_BLOCKS = 64  # 1,024 token slots for up to 32 running requests: preemption is certain
 MODES = [True, "prompt", False]  # dynamic (engine default), prompt-only, opted out
 
 
@@ -54,7 +54,8 @@ def run(model_dir: str, rules: str, module: str, prompts: list[list[int]]) -> di
         seed=0,
         block_size=BLOCK_SIZE,
         num_gpu_blocks_override=NUM_BLOCKS,
-        max_num_seqs=64,
+        max_num_seqs=32,
+        max_num_batched_tokens=64,  # long prompts are prefilled in chunks
         enable_prefix_caching=True,
         additional_config={"umim": {"rules": rules, "module": module}},
     )

@@ -79,6 +79,15 @@ def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, 
         assert stats["decode_merges"] == reference.decode_merges
         decode_merges += stats["decode_merges"]
     assert (decode_merges > 0) == (mode == "dynamic")
+    figures = [merge_stats(o) for o in outputs]
+    raw_prompt = sum(f["raw_prompt_tokens"] for f in figures)
+    raw_output = sum(f["raw_tokens"] - f["raw_prompt_tokens"] for f in figures)
+    output_positions = sum(f["compressed_tokens"] - f["compressed_prompt_tokens"] for f in figures)
+    print(
+        f"{mode}: prefill TR {1 - sum(f['compressed_prompt_tokens'] for f in figures) / raw_prompt:.1%}, "
+        f"decode TR {1 - output_positions / raw_output:.1%}, overall TR "
+        f"{1 - sum(f['compressed_tokens'] for f in figures) / sum(f['raw_tokens'] for f in figures):.1%}"
+    )
 
 
 def test_stock_vllm_equals_plain_hf(stock_llm, hf_model, heldout_prompts, tokenizer, rules):

@@ -77,3 +77,47 @@ def test_options_are_checked():
         UmimConfig.from_dict({"rules": "r.bin", "modul": "x"})
     with pytest.raises(UmimError, match="mode must be one of"):
         UmimConfig.from_dict({"rules": "r.bin", "mode": "always"})
+
+
+def test_wrapped_static_and_class_methods_keep_their_kind():
+    import inspect as _inspect
+
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    apply_patches()
+    assert isinstance(_inspect.getattr_static(EngineArgs, "add_cli_args"), staticmethod)
+    assert isinstance(_inspect.getattr_static(EngineArgs, "from_cli_args"), classmethod)
+    assert AsyncEngineArgs.from_cli_args.__func__ is EngineArgs.from_cli_args.__func__  # inherited, so wrapped too
+    assert _inspect.isasyncgenfunction(AsyncLLM.generate)
+    assert _inspect.isasyncgenfunction(AsyncLLM.generate.umim_original)
+
+
+def test_serving_methods_still_build_usage_where_wrapped():
+    """The usage wrappers rely on where vLLM builds usage: in these methods' own bodies."""
+    import inspect as _inspect
+
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    apply_patches()
+    for owner, name in [
+        (OpenAIServingCompletion, "request_output_to_completion_response"),
+        (OpenAIServingCompletion, "completion_stream_generator"),
+        (OpenAIServingChat, "chat_completion_full_generator"),
+        (OpenAIServingChat, "chat_completion_stream_generator"),
+    ]:
+        source = _inspect.getsource(getattr(owner, name).umim_original)
+        assert "UsageInfo(" in source, f"{owner.__name__}.{name} no longer builds the usage object"
+    stream_source = _inspect.getsource(OpenAIServingChat.chat_completion_stream_generator.umim_original)
+    assert "choices=[]" in stream_source and "usage=final_usage" in stream_source
+
+
+def test_request_choice_reads_vllm_xargs_coercion():
+    from vllm_umim.engine.patches import request_choice
+
+    assert request_choice(0) is False and request_choice(1) is True  # JSON false/true via vllm_xargs
+    assert request_choice(False) is False and request_choice("prompt") == "prompt"
+    for bad in (2, "always", 0.5, None):
+        with pytest.raises(ValueError, match="must be true, false, 'prompt' or 'dynamic'"):
+            request_choice(bad)

@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="alignment metrics, token reduction, two-stage PPL and QA of a merge module")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+    __import__("vllm_umim.cli.bench", fromlist=["add_bench_parser"]).add_bench_parser(sub)
     return parser
 
 

@@ -81,11 +81,11 @@ class UmimModelRunnerMixin:
         if not getattr(self.input_batch, "umim_raw_prompts", False):
             self.input_batch._make_prompt_token_ids_cpu_tensor = partial(raw_prompt_token_ids, self.input_batch, self.umim_rule_table)
             self.input_batch.umim_raw_prompts = True
-        in_batch_before = set(self.input_batch.req_id_to_index)
+        # rows vLLM (re-)writes from prompt + raw outputs this step: new to the batch, or resumed
+        kept_rows = set(self.input_batch.req_id_to_index) - set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         result = super()._update_states(scheduler_output)
-        for req_state in self.requests.values():
-            if type(req_state) is CachedRequestState:
-                req_state.__class__ = UmimRequestState
+        for new_request in scheduler_output.scheduled_new_reqs:
+            self.requests[new_request.req_id].__class__ = UmimRequestState
         rewritten = set()
         for event in getattr(scheduler_output, "umim_merges", ()):
             req_state = self.requests.get(event.request_id)
@@ -95,7 +95,7 @@ class UmimModelRunnerMixin:
             rewritten.add(event.request_id)
         for req_id, row in self.input_batch.req_id_to_index.items():
             req_state = self.requests[req_id]
-            if req_state.first_merge is not None and (req_id in rewritten or req_id not in in_batch_before):
+            if req_state.first_merge is not None and (req_id in rewritten or req_id not in kept_rows):
                 self._write_row(row, req_state)
         return result
 

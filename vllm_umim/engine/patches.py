@@ -1,13 +1,24 @@
 """Every change vLLM needs beyond its extension points, in one place, pinned to vLLM 0.32.0.
 
 UMIM's scheduler and worker are selected through vLLM's own ``scheduler_cls`` / ``worker_cls``
-config. vLLM has no hook that turns them on from ``additional_config``, so one method is wrapped:
+config. vLLM has no hook that turns them on from ``additional_config``, nor one for CLI flags, usage
+fields or per-request metrics, so these methods are wrapped (the work is in ``vllm_umim.server``):
 
 * ``EngineArgs.create_engine_config``: when ``additional_config["umim"]`` is present, check the
   rules / module / tokenizer files (one clear error before any engine process starts), select the
   UMIM scheduler and worker, turn async scheduling off, and refuse unsupported setups.
 * ``InputProcessor._validate_params``: reject a bad ``extra_args["umim"]`` in the API process
-  (a ValueError: LLM.generate raises it, the OpenAI server answers 400), never in the engine.
+  (LLM.generate raises a ValueError, the OpenAI server answers 400), never in the engine, and
+  turn ``vllm_xargs``' 0 / 1 (pydantic's coercion of JSON false / true) back into booleans.
+* ``EngineArgs.add_cli_args``: add the "UMIM" argument group (``--umim-rules``, ``--umim-module``,
+  ``--umim-mode``) to ``vllm serve`` and every CLI built on it.
+* ``EngineArgs.from_cli_args``: copy the ``--umim-*`` flags into ``additional_config["umim"]`` (vLLM
+  copies only its own fields) and check the files: a bad file is one ``vllm serve: error:`` line.
+* ``AsyncLLM.generate``: count each finished merged request on the Prometheus counters.
+* ``OpenAIServingCompletion.request_output_to_completion_response`` and
+  ``OpenAIServingChat.chat_completion_full_generator``: add ``usage.umim`` (merge figures).
+* ``OpenAIServingCompletion.completion_stream_generator`` and
+  ``OpenAIServingChat.chat_completion_stream_generator``: the same on the final usage chunk.
 
 ``tests/engine/test_patches.py`` fails loudly when vLLM changes what these wrap.
 """
@@ -16,9 +27,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from contextlib import aclosing
 
 import vllm
 from vllm.engine.arg_utils import EngineArgs
+from vllm.exceptions import VLLMValidationError
+from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_umim.engine.config import CONFIG_KEY, UmimConfig, check_vllm_config
@@ -33,6 +49,29 @@ GPU_WORKER_CLS = "vllm_umim.engine.worker.UmimGPUWorker"
 PATCHED = [
     (EngineArgs, "create_engine_config", ("self", "usage_context", "headless")),
     (InputProcessor, "_validate_params", ("self", "params", "supported_tasks")),
+    (EngineArgs, "add_cli_args", ("parser",)),
+    (EngineArgs, "from_cli_args", ("cls", "args")),
+    (AsyncLLM, "generate", (
+        "self", "prompt", "sampling_params", "request_id", "prompt_text", "lora_request", "tokenization_kwargs",
+        "trace_headers", "priority", "data_parallel_rank", "session_id", "kv_hints", "reasoning_ended",
+        "reasoning_parser_kwargs",
+    )),
+    (OpenAIServingCompletion, "request_output_to_completion_response", (
+        "self", "final_res_batch", "request", "request_id", "created_time", "model_name", "tokenizer",
+        "request_metadata",
+    )),
+    (OpenAIServingCompletion, "completion_stream_generator", (
+        "self", "request", "engine_inputs", "result_generator", "request_id", "created_time", "model_name",
+        "num_prompts", "tokenizer", "request_metadata",
+    )),
+    (OpenAIServingChat, "chat_completion_full_generator", (
+        "self", "request", "result_generator", "request_id", "model_name", "conversation", "tokenizer",
+        "request_metadata", "parser", "mm_token_counts",
+    )),
+    (OpenAIServingChat, "chat_completion_stream_generator", (
+        "self", "request", "result_generator", "request_id", "model_name", "conversation", "tokenizer",
+        "request_metadata", "chat_template_kwargs", "mm_token_counts",
+    )),
 ]
 REQUEST_CHOICES = (True, False, "prompt", "dynamic")
 
@@ -83,28 +122,157 @@ def _umim_create_engine_config(original):
     return create_engine_config
 
 
+class RequestChoiceError(VLLMValidationError, ValueError):
+    """A bad ``extra_args["umim"]``: a ValueError for ``LLM.generate`` callers; a validation error
+    for the OpenAI server, which answers 400 (a plain ValueError becomes a 500 inside
+    ``AsyncLLM.generate``)."""
+
+
+def request_choice(value):
+    """The per-request choice as the engine expects it (True, False, "prompt" or "dynamic").
+
+    The OpenAI server's ``vllm_xargs`` is typed ``str | int | float``, so pydantic turns a JSON
+    ``false`` / ``true`` into 0 / 1: those are read as the booleans they were.
+    """
+    if isinstance(value, int) and value in (0, 1):  # bool is an int too
+        return bool(value)
+    if isinstance(value, str) and value in REQUEST_CHOICES:
+        return value
+    raise RequestChoiceError(
+        f"extra_args['{CONFIG_KEY}'] must be true, false, 'prompt' or 'dynamic', got {value!r}", parameter="vllm_xargs"
+    )
+
+
 def _umim_validate_params(original):
     @functools.wraps(original)
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
         extra = getattr(params, "extra_args", None) or {}
-        if CONFIG_KEY in extra and extra[CONFIG_KEY] not in REQUEST_CHOICES:
-            raise ValueError(f"extra_args['{CONFIG_KEY}'] must be true, false, 'prompt' or 'dynamic', got {extra[CONFIG_KEY]!r}")
+        if CONFIG_KEY in extra:
+            extra[CONFIG_KEY] = request_choice(extra[CONFIG_KEY])
         return result
 
     _validate_params.umim_original = original
     return _validate_params
 
 
-WRAPPERS = {"create_engine_config": _umim_create_engine_config, "_validate_params": _umim_validate_params}
+def _umim_add_cli_args(original):
+    @functools.wraps(original)
+    def add_cli_args(parser):
+        from vllm_umim.server.cli_args import add_umim_arguments
+
+        parser = original(parser)
+        add_umim_arguments(parser)
+        return parser
+
+    add_cli_args.umim_original = original
+    return add_cli_args
+
+
+def _umim_from_cli_args(original):
+    @functools.wraps(original)
+    def from_cli_args(cls, args):
+        from vllm_umim.server.cli_args import apply_umim_options
+        from vllm_umim.server.metrics import counters
+
+        engine_args = original(cls, args)
+        if apply_umim_options(engine_args, args):
+            counters()  # on /metrics (at 0) from the start
+        return engine_args
+
+    from_cli_args.umim_original = original
+    return from_cli_args
+
+
+def _umim_generate(original):
+    @functools.wraps(original)
+    async def generate(self, *args, **kwargs):
+        from vllm_umim.server.metrics import record_finished
+
+        async with aclosing(original(self, *args, **kwargs)) as outputs:
+            async for output in outputs:
+                if output.finished:
+                    record_finished(output)
+                yield output
+
+    generate.umim_original = original
+    return generate
+
+
+def _umim_request_output_to_completion_response(original):
+    @functools.wraps(original)
+    def request_output_to_completion_response(self, final_res_batch, *args, **kwargs):
+        from vllm_umim.server.usage import add_to_usage
+
+        response = original(self, final_res_batch, *args, **kwargs)
+        add_to_usage(response.usage, final_res_batch)
+        return response
+
+    request_output_to_completion_response.umim_original = original
+    return request_output_to_completion_response
+
+
+def _umim_completion_stream_generator(original):
+    @functools.wraps(original)
+    def completion_stream_generator(self, request, engine_inputs, result_generator, *args, **kwargs):
+        from vllm_umim.server.usage import OutputTap, stream_with_usage
+
+        tap = OutputTap(result_generator)
+        return stream_with_usage(original(self, request, engine_inputs, tap, *args, **kwargs), tap)
+
+    completion_stream_generator.umim_original = original
+    return completion_stream_generator
+
+
+def _umim_chat_completion_full_generator(original):
+    @functools.wraps(original)
+    async def chat_completion_full_generator(self, request, result_generator, *args, **kwargs):
+        from vllm_umim.server.usage import OutputTap, add_to_usage
+
+        tap = OutputTap(result_generator)
+        response = await original(self, request, tap, *args, **kwargs)
+        add_to_usage(getattr(response, "usage", None), tap.finished)
+        return response
+
+    chat_completion_full_generator.umim_original = original
+    return chat_completion_full_generator
+
+
+def _umim_chat_completion_stream_generator(original):
+    @functools.wraps(original)
+    def chat_completion_stream_generator(self, request, result_generator, *args, **kwargs):
+        from vllm_umim.server.usage import OutputTap, stream_with_usage
+
+        tap = OutputTap(result_generator)
+        return stream_with_usage(original(self, request, tap, *args, **kwargs), tap)
+
+    chat_completion_stream_generator.umim_original = original
+    return chat_completion_stream_generator
+
+
+WRAPPERS = {
+    "create_engine_config": _umim_create_engine_config,
+    "_validate_params": _umim_validate_params,
+    "add_cli_args": _umim_add_cli_args,
+    "from_cli_args": _umim_from_cli_args,
+    "generate": _umim_generate,
+    "request_output_to_completion_response": _umim_request_output_to_completion_response,
+    "completion_stream_generator": _umim_completion_stream_generator,
+    "chat_completion_full_generator": _umim_chat_completion_full_generator,
+    "chat_completion_stream_generator": _umim_chat_completion_stream_generator,
+}
 
 
 def apply_patches() -> None:
-    """Idempotent: wrap each method in PATCHED once."""
+    """Idempotent: wrap each method in PATCHED once (static and class methods stay what they are)."""
     check_vllm_version()
     for owner, name, _ in PATCHED:
-        method = getattr(owner, name)
-        if not hasattr(method, "umim_original"):
+        if hasattr(getattr(owner, name), "umim_original"):
+            continue
+        method = inspect.getattr_static(owner, name)
+        if isinstance(method, (staticmethod, classmethod)):
+            setattr(owner, name, type(method)(WRAPPERS[name](method.__func__)))
+        else:
             setattr(owner, name, WRAPPERS[name](method))
 
 

@@ -116,7 +116,7 @@ class ReferenceRuntime:
     def forward(self, embeds: torch.Tensor, start: int, cache: DynamicCache) -> torch.Tensor:
         """Run ``embeds`` at positions start.. on top of ``cache``; logits of the last position."""
         positions = torch.arange(start, start + len(embeds))[None]
-        out = self.model(inputs_embeds=embeds[None], position_ids=positions, past_key_values=cache, use_cache=True)
+        out = self.model(inputs_embeds=embeds[None], position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1].float()
 
     @torch.no_grad()

@@ -1,0 +1,53 @@
+"""The vllm-umim commands end to end on the real tokenizer and model (slow)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_umim.rules import load_rules
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "artifacts" / "smollm2-135m" / "rules.bin"
+
+
+def vllm_umim(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "vllm_umim.cli.main", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from vllm_umim.data.model import fetch_model
+
+    return fetch_model("smollm2-135m")
+
+
+def test_mine_and_inspect(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The United States of America is a country.\n" * 6 + "New York City is a city.\n" * 5)
+    out = vllm_umim("mine", "--model", model_dir, "--corpus", corpus, "--threshold", "5", "-o", tmp_path / "r.bin")
+    assert "4-grams:" in out.stdout and "kept after overlap filtering" in out.stdout
+    rules = load_rules(tmp_path / "r.bin")
+    assert rules.count(4) > 0 and rules.threshold == 5
+    shown = vllm_umim("inspect", tmp_path / "r.bin", "--model", model_dir).stdout
+    assert "most frequent 4-grams" in shown and "United States" in shown
+
+
+def test_inspect_refuses_a_damaged_file(tmp_path):
+    (tmp_path / "bad.bin").write_bytes(RULES.read_bytes()[:1000])
+    result = vllm_umim("inspect", tmp_path / "bad.bin", check=False)
+    assert result.returncode == 2 and "truncated" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_reference_brackets_merged_spans(model_dir):
+    out = vllm_umim(
+        "generate", "--model", model_dir, "--rules", RULES, "--module", "mean",
+        "--prompt", "The United States of America is one of the largest countries in the world.",
+        "--max-tokens", "12", "--dynamic",
+    ).stdout
+    assert "[" in out and "]" in out and "token reduction" in out and "prefill merges" in out

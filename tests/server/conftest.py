@@ -1,0 +1,36 @@
+"""A real ``vllm serve --umim-rules`` on 127.0.0.1 (one per session, ~40 s to start), plus the
+offline engines and held-out prompts of the engine tests, for comparing outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.conftest import (  # noqa: F401  (fixtures)
+    ENGINE_ARGS,
+    RULES,
+    heldout_prompts,
+    model_dir,
+    module_for_tests,
+    stock_llm,
+    tokenizer,
+    umim_llm,
+)
+
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+
+
+def server_args(**umim) -> list[str]:
+    """``vllm serve`` flags equal to the offline engines' ENGINE_ARGS, plus the given ``--umim-*``."""
+    args = ["--dtype", ENGINE_ARGS["dtype"], "--enforce-eager", "--max-model-len", str(ENGINE_ARGS["max_model_len"])]
+    args += ["--seed", str(ENGINE_ARGS["seed"])]
+    for key, value in umim.items():
+        args += [f"--umim-{key}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def umim_server(model_dir):  # noqa: F811
+    from vllm_umim.server.launch import VllmServer
+
+    with VllmServer(model_dir, server_args(rules=RULES, module=module_for_tests()), env=SERVER_ENV) as server:
+        yield server

@@ -1,0 +1,87 @@
+"""``vllm serve MODEL --umim-rules ...`` for real: starts, serves the OpenAI API as stock vLLM does,
+and reports merge figures in ``usage`` and on ``/metrics``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The history of the United States of America began"
+
+
+def complete(server, **body):
+    body = {"model": server.model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, **body}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stream_events(server, path, body):
+    events = []
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def test_help_lists_the_umim_flags():
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    help_text = subprocess.run([vllm_cli, "serve", "--help=UMIM"], capture_output=True, text=True, timeout=300).stdout
+    assert "--umim-rules" in help_text and "--umim-module" in help_text and "--umim-mode" in help_text
+
+
+def test_completion_usage_carries_merge_figures(umim_server):
+    result = complete(umim_server)
+    usage = result["usage"]
+    figures = usage["umim"]
+    assert figures["merged_prompt_tokens"] < usage["prompt_tokens"]  # usage counts raw tokens, as stock
+    assert figures["raw_tokens"] == usage["total_tokens"]
+    assert figures["kv_tokens_saved"] == figures["raw_tokens"] - figures["merged_tokens"] > 0
+    assert figures["prefill_merges"] > 0
+
+
+def test_opt_out_keeps_stock_usage(umim_server):
+    usage = complete(umim_server, vllm_xargs={"umim": False})["usage"]
+    assert "umim" not in usage
+    bad = httpx.post(umim_server.url + "/v1/completions", timeout=60,
+                     json={"model": umim_server.model, "prompt": PROMPT, "max_tokens": 4, "vllm_xargs": {"umim": "always"}})
+    assert bad.status_code == 400, bad.text
+
+
+def test_streamed_completion_final_usage_chunk(umim_server):
+    body = {"model": umim_server.model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    events = stream_events(umim_server, "/v1/completions", body)
+    text = "".join(choice["text"] for event in events for choice in event["choices"])
+    assert text == complete(umim_server)["choices"][0]["text"]
+    final = events[-1]
+    assert final["choices"] == [] and final["usage"]["umim"]["kv_tokens_saved"] > 0
+    assert all("umim" not in (event.get("usage") or {}) for event in events[:-1])
+
+
+def test_chat_completions_carry_merge_figures(umim_server):
+    body = {"model": umim_server.model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24, "temperature": 0}
+    response = httpx.post(umim_server.url + "/v1/chat/completions", json=body, timeout=120).json()
+    assert response["usage"]["umim"]["merged_prompt_tokens"] < response["usage"]["prompt_tokens"]
+    events = stream_events(umim_server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    text = "".join(choice["delta"].get("content") or "" for event in events for choice in event["choices"])
+    assert text == response["choices"][0]["message"]["content"]
+    assert events[-1]["usage"]["umim"] == response["usage"]["umim"]
+
+
+def test_metrics_count_merges(umim_server):
+    before = umim_server.metrics()
+    figures = complete(umim_server)["usage"]["umim"]
+    after = umim_server.metrics()
+    delta = lambda name: after[f"vllm_umim:{name}_total"] - before.get(f"vllm_umim:{name}_total", 0)  # noqa: E731
+    assert delta("merged_requests") == 1
+    assert delta("kv_tokens_saved") == figures["kv_tokens_saved"]
+    assert delta("prefill_merges") == figures["prefill_merges"]
+    assert any(name.startswith("vllm:kv_cache_usage_perc") for name in after)  # vLLM's own, beside ours

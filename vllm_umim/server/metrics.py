@@ -1,0 +1,48 @@
+"""Prometheus counters for merging, served on vLLM's ``/metrics`` beside its own ``vllm:*`` series.
+
+Registered in the API process (vLLM's ``/metrics`` route serves prometheus_client's registry, or
+collects the multiprocess directory when ``PROMETHEUS_MULTIPROC_DIR`` is set, which counters
+created here also write to). They are incremented once per finished merged request from its
+figures (``RequestOutput.kv_transfer_params["umim"]``) by the ``AsyncLLM.generate`` wrapper in
+``vllm_umim.engine.patches``, so every API (completions, chat, responses) counts. The ``vllm_umim:``
+prefix keeps them clear of vLLM's ``unregister_vllm_metrics`` (which drops ``vllm:*``).
+
+Token reduction over a window: ``1 - rate(merged_tokens) / rate(raw_tokens)``.
+"""
+
+from __future__ import annotations
+
+from vllm_umim.engine.stats import merge_stats
+
+# counter name (prometheus_client appends _total) -> (help, per-request figure it sums)
+COUNTERS = {
+    "vllm_umim:merged_requests": ("Finished requests served with UMIM merging", None),
+    "vllm_umim:prefill_merges": ("Rule n-grams merged in prompts", "prefill_merges"),
+    "vllm_umim:decode_merges": ("Rule n-grams merged while decoding", "decode_merges"),
+    "vllm_umim:raw_tokens": ("Raw prompt + output tokens of merged requests", "raw_tokens"),
+    "vllm_umim:merged_tokens": ("KV positions of merged requests after merging", "compressed_tokens"),
+    "vllm_umim:kv_tokens_saved": ("KV cache tokens saved by merging (raw - merged positions)", "kv_tokens_saved"),
+    "vllm_umim:kv_blocks_saved": ("KV cache blocks saved by merging, at each request's end", "kv_blocks_saved"),
+}
+
+_counters: dict | None = None
+
+
+def counters() -> dict:
+    """The counters, created on first use (in the process that serves ``/metrics``)."""
+    global _counters
+    if _counters is None:
+        from prometheus_client import Counter
+
+        _counters = {name: Counter(name, help_text) for name, (help_text, _) in COUNTERS.items()}
+    return _counters
+
+
+def record_finished(request_output) -> None:
+    """Count a finished ``RequestOutput``'s merge figures (no-op when it was served unmerged)."""
+    stats = merge_stats(request_output)
+    if not stats:
+        return
+    for name, counter in counters().items():
+        key = COUNTERS[name][1]
+        counter.inc(1 if key is None else max(0, stats[key]))
