@@ -24,8 +24,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
 NUM_REQUESTS = 200
-BLOCK_SIZE = 16
-NUM_BLOCKS = 64  # 1,024 token slots for up to 32 running requests: preemption is certain
+BLOCK_SIZE = 32  # the CPU attention backend wants multiples of 32
+NUM_BLOCKS = 40  # 1,280 token slots for up to 32 running requests: preemption is certain
 MODES = [True, "prompt", False]  # dynamic (engine default), prompt-only, opted out
 
 
@@ -42,6 +42,11 @@ def stress_requests(prompts: list[list[int]]):
     return requests
 
 
+def external_id(request_id: str) -> str:
+    """vLLM appends "-<8 random chars>" to the id a caller gives (InputProcessor.assign_request_id)."""
+    return request_id.rsplit("-", 1)[0]
+
+
 def run(model_dir: str, rules: str, module: str, prompts: list[list[int]]) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -50,7 +55,7 @@ def run(model_dir: str, rules: str, module: str, prompts: list[list[int]]) -> di
         model=model_dir,
         dtype="float32",
         enforce_eager=True,
-        max_model_len=1024,
+        max_model_len=512,
         seed=0,
         block_size=BLOCK_SIZE,
         num_gpu_blocks_override=NUM_BLOCKS,
@@ -87,8 +92,8 @@ def run(model_dir: str, rules: str, module: str, prompts: list[list[int]]) -> di
             need = math.ceil(request.num_tokens / BLOCK_SIZE)
             max_blocks_over_need = max(max_blocks_over_need, held - need)
             if held > need + 1:
-                violations.append((step, request.request_id, held, request.num_tokens))
-        preempted |= {r.request_id for r in scheduler.requests.values() if r.num_preemptions}
+                violations.append((step, external_id(request.request_id), held, request.num_tokens))
+        preempted |= {external_id(r.request_id) for r in scheduler.requests.values() if r.num_preemptions}
     return {
         "steps": step,
         "free_at_start": free_at_start,
