@@ -73,8 +73,6 @@ def check_vllm_config(vllm_config) -> None:
         problems.append("speculative decoding (draft tokens and merge rollbacks would both rewrite the KV tail)")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         problems.append("pipeline parallelism (later stages would not see the merged inputs)")
-    if vllm_config.parallel_config.tensor_parallel_size > 1:
-        problems.append("tensor parallelism > 1 (not verified on this build; run with tensor_parallel_size=1)")
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("async scheduling (a merge decided after sampling would arrive one step late)")
     model_config = vllm_config.model_config
