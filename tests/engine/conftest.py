@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -20,8 +21,11 @@ RULES = ARTIFACTS / "rules.bin"
 ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
 
 
+@functools.lru_cache(maxsize=1)
 def module_for_tests() -> str:
-    """The shipped trained module once it exists, else the untrained mean-pooling baseline."""
+    """The shipped trained module if present, else the untrained mean-pooling baseline.
+
+    Decided once per session, so every engine and reference in it uses the same module."""
     trained = ARTIFACTS / "module.safetensors"
     return str(trained) if trained.is_file() else "mean"
 
