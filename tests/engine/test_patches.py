@@ -59,7 +59,6 @@ def fake_vllm_config(**overrides):
     [
         ({"speculative": object()}, "speculative decoding"),
         ({"pp": 2}, "pipeline parallelism"),
-        ({"tp": 2}, "tensor parallelism"),
         ({"async_scheduling": True}, "async scheduling"),
         ({"hybrid": True}, "hybrid or recurrent"),
     ],

@@ -61,3 +61,15 @@ def test_corrupt_rules_stop_with_one_line(tmp_path):
     bad.write_bytes(RULES.read_bytes()[:-10])
     with pytest.raises(SystemExit, match=r"^vllm serve: error: .*truncated"):
         AsyncEngineArgs.from_cli_args(parse("--umim-rules", str(bad)))
+
+
+def test_rules_alone_find_the_module_beside_them_or_say_what_is_missing(model_dir, tmp_path):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    apply_patches()
+    rules = tmp_path / "rules.bin"  # a folder without module.safetensors
+    rules.write_bytes(RULES.read_bytes())
+    args = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", model_dir, "--umim-rules", str(rules)])
+    with pytest.raises(SystemExit, match=r"^vllm serve: error: no merge module: pass one \(--umim-module"):
+        AsyncEngineArgs.from_cli_args(args)

@@ -21,7 +21,6 @@ from vllm.v1.request import Request
 
 from vllm_umim.engine.assets import load_engine_rules
 from vllm_umim.engine.config import MODES, UmimConfig
-from vllm_umim.errors import UmimError
 from vllm_umim.engine.stats import STATS_KEY
 from vllm_umim.engine.sequence import MergeEvent, MergeState, compress_tokens, merge_newest
 
@@ -41,13 +40,11 @@ def requested_mode(request: Request, default_mode: str) -> str | None:
     if request.resumable or request.mm_features or params.prompt_logprobs is not None:
         return None
     choice = (params.extra_args or {}).get("umim", True)
-    if choice is False:
+    if choice in MODES:
+        return choice
+    if choice is False or (choice == 0 and not isinstance(choice, str)):  # JSON false may arrive as 0
         return None
-    if choice is True:
-        return default_mode
-    if choice not in MODES:
-        raise UmimError(f"extra_args['umim'] must be true, false, 'prompt' or 'dynamic', got {choice!r}")
-    return choice
+    return default_mode  # true; anything else was refused as a request error in the API process
 
 
 class UmimScheduler(Scheduler):

@@ -1,0 +1,35 @@
+"""A tiny real run of ``vllm-umim bench``: two engines, the KV-bound scenario, one repetition."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_help_passes_through_to_the_benchmark():
+    cli = Path(sys.executable).with_name("vllm-umim")
+    out = subprocess.run([cli, "bench", "--help"], capture_output=True, text=True, timeout=300).stdout
+    assert "--scenario" in out and "--umim-rules" in out and "--max-model-len" in out
+
+
+def test_tiny_kv_bound_run(tmp_path):
+    cli = Path(sys.executable).with_name("vllm-umim")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    argv = ["bench", "--scenario", "decode-heavy", "--num-prompts", "3", "--input-len", "32", "--output-len", "8",
+            "--kv-blocks", "3", "--repetitions", "1", "--output-dir", str(tmp_path)]
+    done = subprocess.run([cli, *argv], capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    (scenario,) = report["scenarios"]
+    assert scenario["name"] == "decode-heavy" and scenario["num_kv_blocks"] == 3
+    assert len(scenario["runs"]["stock"]) == len(scenario["runs"]["umim"]) == 1
+    for run in scenario["runs"]["stock"] + scenario["runs"]["umim"]:
+        assert run["num_requests"] == 3 and run["output_tokens"] == 3 * 8
+    assert scenario["runs"]["umim"][0]["merged_requests"] == 3 and scenario["runs"]["stock"][0]["merged_requests"] == 0
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    assert "| decode-heavy |" in (tmp_path / "throughput.md").read_text()
