@@ -116,7 +116,8 @@ def run_eval(args) -> dict:
         from vllm_umim.evaluation.qa import evaluate_qa
 
         result["qa_limit_per_task"] = args.limit
-        result["qa"] = evaluate_qa(model, tok, rules, modules, args.tasks.split(","), args.limit, progress)
+        result["qa"] = evaluate_qa(model, tok, rules, modules, args.tasks.split(","), args.limit, progress,
+                                   on_task=lambda partial: (result.update(qa=partial), _dump(args, result)))
         for task, r in result["qa"].items():
             accs = "  ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
             print(f"{task:14s} n={r['n']:4d}  TR {100 * r['tr']:.1f} %  {accs}", flush=True)

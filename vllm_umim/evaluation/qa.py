@@ -26,7 +26,9 @@ TASKS = ("piqa", "arc_easy", "arc_challenge", "copa", "openbookqa")
 
 
 @torch.no_grad()
-def evaluate_qa(model, tokenizer, rules, modules: dict, tasks=TASKS, limit: int | None = 50, progress: bool = True) -> dict:
+def evaluate_qa(model, tokenizer, rules, modules: dict, tasks=TASKS, limit: int | None = 50, progress: bool = True,
+                on_task=None) -> dict:
+    """{task: {n, accuracy: {base, <module>...}, tr, seconds}}; ``on_task(results)`` after each task."""
     from vllm_umim.data.qa import load_task
 
     results = {}
@@ -66,4 +68,6 @@ def evaluate_qa(model, tokenizer, rules, modules: dict, tasks=TASKS, limit: int 
             "tr": 1.0 - merged / raw if raw else 0.0,
             "seconds": round(time.perf_counter() - started, 1),
         }
+        if on_task is not None:
+            on_task(results)
     return results
