@@ -1,1 +1,6 @@
-"""evaluation"""
+"""Evaluating a merge module (paper §4, App. C, F).
+
+``alignment`` (Top-1, Top-k, Top-p overlap, MRR) · ``perplexity`` (pseudocode 5 two-stage PPL) ·
+``qa`` (App. F.2 multiple choice) · ``token_reduction`` (TR) · ``suite`` (one pass over held-out
+windows for several modules) · ``cli`` (``vllm-umim eval``).
+"""

