@@ -1,6 +1,6 @@
 """Throughput of vllm_umim next to stock vLLM, like ``vllm bench throughput``, on natural text.
 
-    python benchmarks/bench_throughput.py [vLLM engine args] [--scenario prefill-heavy decode-heavy no-merge]
+    python benchmarks/bench_throughput.py [vLLM engine args] [--scenario prefill-heavy decode-heavy decode-long no-merge]
     vllm-umim bench ...                     (the same)
 
 The engine arguments are vLLM's own (``EngineArgs.add_cli_args``, ``--umim-*`` included); both
@@ -52,7 +52,7 @@ def build_parser():
     bench.add_argument("--num-prompts", type=int, default=None, help="override every scenario's request count")
     bench.add_argument("--input-len", type=int, default=None, help="override every scenario's prompt length (raw tokens)")
     bench.add_argument("--output-len", type=int, default=None, help="override every scenario's output length")
-    bench.add_argument("--kv-blocks", type=int, default=None, help="override decode-heavy's num_gpu_blocks_override")
+    bench.add_argument("--kv-blocks", type=int, default=None, help="override the KV-bound scenarios' num_gpu_blocks_override")
     bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); vLLM's bench uses 1.0")
     bench.add_argument("--profile", action="store_true", help="also profile one UMIM run per scenario (cProfile, in-process engine)")
     bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for name in args.scenario:
         overrides = dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
-        if name == "decode-heavy":
+        if SCENARIOS.get(name) and SCENARIOS[name].kv_blocks is not None:
             overrides["kv_blocks"] = args.kv_blocks
         spec = scenario(name, **overrides)
         print(f"{spec.name}: {spec.num_prompts} prompts x {spec.input_len} tokens in, {spec.output_len} out; {spec.about}", flush=True)

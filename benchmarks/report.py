@@ -9,6 +9,7 @@ from pathlib import Path
 GOALS = {  # scenario -> (what, check(ratio, token reduction) -> (target, met))
     "prefill-heavy": ("ratio >= 0.9 / (1 - TR)", lambda ratio, tr: (0.9 / (1 - tr), ratio >= 0.9 / (1 - tr))),
     "decode-heavy": ("ratio >= 1.25", lambda ratio, tr: (1.25, ratio >= 1.25)),
+    "decode-long": ("ratio >= 1.25", lambda ratio, tr: (1.25, ratio >= 1.25)),
     "no-merge": ("overhead <= 3 %", lambda ratio, tr: (0.97, ratio >= 0.97)),
 }
 

@@ -2,7 +2,7 @@
 
 Every prompt is a prefix of a real document, cut to a fixed number of raw tokens (never random
 tokens: merge rules match natural text, and how often they match is what the benchmark is about).
-Three scenarios (``SCENARIOS``); their defaults can be overridden on the command line.
+Four scenarios (``SCENARIOS``); their defaults can be overridden on the command line.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ SCENARIOS = {
     for s in [
         Scenario("prefill-heavy", 16, 384, 8, about="long prompts, short outputs: prompt merging"),
         Scenario("decode-heavy", 16, 64, 96, kv_blocks=20, about="KV space too small for stock: merging fits more requests"),
+        Scenario("decode-long", 16, 64, 256, kv_blocks=40, about="as decode-heavy with longer outputs: decode merges dominate"),
         Scenario("no-merge", 16, 128, 32, never_matching_rules=True, about="rules that never match: the cost of looking"),
     ]
 }

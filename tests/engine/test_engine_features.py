@@ -80,6 +80,9 @@ def test_seeded_sampling_and_n(umim_llm, heldout_prompts):
         assert len(x.outputs) == 3
         assert [list(c.token_ids) for c in x.outputs] == [list(c.token_ids) for c in y.outputs]
         assert all(len(c.token_ids) == 20 or c.finish_reason == "stop" for c in x.outputs)
+        stats = merge_stats(x)  # summed over the 3 samples, each an engine request of its own
+        assert stats["raw_prompt_tokens"] == 3 * len(x.prompt_token_ids)
+        assert stats["raw_tokens"] == stats["raw_prompt_tokens"] + sum(len(c.token_ids) for c in x.outputs)
 
 
 def test_penalties_and_min_tokens_see_raw_tokens(umim_llm, tokenizer, heldout_prompts):

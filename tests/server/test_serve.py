@@ -85,3 +85,34 @@ def test_metrics_count_merges(umim_server):
     assert delta("kv_tokens_saved") == figures["kv_tokens_saved"]
     assert delta("prefill_merges") == figures["prefill_merges"]
     assert any(name.startswith("vllm:kv_cache_usage_perc") for name in after)  # vLLM's own, beside ours
+
+
+def test_n_samples_sum_their_merge_figures(umim_server):
+    single = complete(umim_server)["usage"]
+    body = {"n": 2, "temperature": 1.0, "seed": 3}  # vLLM runs each sample as its own engine request
+    for stream in (False, True):
+        if stream:
+            events = stream_events(umim_server, "/v1/completions", {"model": umim_server.model, "prompt": PROMPT, "max_tokens": 24,
+                                                                    **body, "stream_options": {"include_usage": True}})
+            usage = events[-1]["usage"]
+        else:
+            usage = complete(umim_server, **body)["usage"]
+        figures = usage["umim"]
+        assert figures["raw_tokens"] == 2 * usage["prompt_tokens"] + usage["completion_tokens"], stream
+        assert figures["merged_prompt_tokens"] == 2 * single["umim"]["merged_prompt_tokens"], stream
+        assert figures["prefill_merges"] == 2 * single["umim"]["prefill_merges"], stream
+
+
+def test_responses_api_carries_merge_figures(umim_server):
+    body = {"model": umim_server.model, "input": PROMPT, "max_output_tokens": 24, "temperature": 0}
+    response = httpx.post(umim_server.url + "/v1/responses", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    figures = usage["umim"]
+    assert figures["raw_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert figures["merged_prompt_tokens"] < usage["input_tokens"] and figures["kv_tokens_saved"] > 0
+    events = stream_events(umim_server, "/v1/responses", body)
+    completed = [event for event in events if event.get("type") == "response.completed"]
+    assert len(completed) == 1 and completed[0]["response"]["usage"]["umim"] == figures
+    opted_out = httpx.post(umim_server.url + "/v1/responses", json={**body, "vllm_xargs": {"umim": False}}, timeout=120)
+    assert "umim" not in opted_out.json()["usage"]

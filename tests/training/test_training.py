@@ -161,7 +161,7 @@ def test_loss_decreases(tmp_path):
     vals = [r["val_loss"] for r in log if "val_loss" in r]
     assert vals[-1] < vals[0] - 1e-3
     assert meta["tokens_seen"] == 16 * 4 * 30 and meta["best_val_loss"] < vals[0]
-    assert (tmp_path / "run" / "best.safetensors").exists() and (tmp_path / "run" / "ckpt-last.pt").exists()
+    assert (tmp_path / "run" / "best.safetensors").exists() and (tmp_path / "run" / "ckpt-last.safetensors").exists()
 
 
 def test_resume_continues_exactly(tmp_path):

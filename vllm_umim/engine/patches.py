@@ -14,11 +14,16 @@ fields or per-request metrics, so these methods are wrapped (the work is in ``vl
   ``--umim-mode``) to ``vllm serve`` and every CLI built on it.
 * ``EngineArgs.from_cli_args``: copy the ``--umim-*`` flags into ``additional_config["umim"]`` (vLLM
   copies only its own fields) and check the files: a bad file is one ``vllm serve: error:`` line.
+* ``RequestState.make_request_output``: with ``n > 1`` vLLM gives the request's output the KV
+  transfer parameters of whichever sample finished last; sum every sample's merge figures instead.
 * ``AsyncLLM.generate``: count each finished merged request on the Prometheus counters.
 * ``OpenAIServingCompletion.request_output_to_completion_response`` and
   ``OpenAIServingChat.chat_completion_full_generator``: add ``usage.umim`` (merge figures).
 * ``OpenAIServingCompletion.completion_stream_generator`` and
   ``OpenAIServingChat.chat_completion_stream_generator``: the same on the final usage chunk.
+* ``OpenAIServingResponses._generate_with_builtin_tools`` keeps the engine outputs of every turn
+  on the conversation context, and ``OpenAIServingResponses.responses_full_generator`` (which also
+  builds the ``response.completed`` event of a stream) adds ``usage.umim`` from them.
 
 ``tests/engine/test_patches.py`` fails loudly when vLLM changes what these wrap.
 """
@@ -34,8 +39,10 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
+from vllm.v1.engine.output_processor import RequestState
 
 from vllm_umim.engine.config import CONFIG_KEY, UmimConfig, check_vllm_config
 from vllm_umim.errors import UmimError
@@ -51,6 +58,10 @@ PATCHED = [
     (InputProcessor, "_validate_params", ("self", "params", "supported_tasks")),
     (EngineArgs, "add_cli_args", ("parser",)),
     (EngineArgs, "from_cli_args", ("cls", "args")),
+    (RequestState, "make_request_output", (
+        "self", "new_token_ids", "pooling_output", "finish_reason", "stop_reason", "kv_transfer_params",
+        "ec_transfer_params", "error",
+    )),
     (AsyncLLM, "generate", (
         "self", "prompt", "sampling_params", "request_id", "prompt_text", "lora_request", "tokenization_kwargs",
         "trace_headers", "priority", "data_parallel_rank", "session_id", "kv_hints", "reasoning_ended",
@@ -71,6 +82,14 @@ PATCHED = [
     (OpenAIServingChat, "chat_completion_stream_generator", (
         "self", "request", "result_generator", "request_id", "model_name", "conversation", "tokenizer",
         "request_metadata", "chat_template_kwargs", "mm_token_counts",
+    )),
+    (OpenAIServingResponses, "_generate_with_builtin_tools", (
+        "self", "request_id", "engine_input", "sampling_params", "context", "tok_params", "lora_request", "priority",
+        "trace_headers", "session_id", "reasoning_parser_kwargs",
+    )),
+    (OpenAIServingResponses, "responses_full_generator", (
+        "self", "request", "sampling_params", "result_generator", "context", "model_name", "tokenizer",
+        "request_metadata", "created_time",
     )),
 ]
 REQUEST_CHOICES = (True, False, "prompt", "dynamic")
@@ -180,6 +199,22 @@ def _umim_from_cli_args(original):
     return from_cli_args
 
 
+def _umim_make_request_output(original):
+    @functools.wraps(original)
+    def make_request_output(self, new_token_ids, pooling_output, finish_reason, stop_reason, kv_transfer_params=None,
+                            *args, **kwargs):
+        from vllm_umim.engine.stats import STATS_KEY, combine_stats
+
+        parent = self.parent_req
+        if parent is not None and finish_reason is not None and kv_transfer_params and STATS_KEY in kv_transfer_params:
+            finished_samples = parent.__dict__.setdefault("umim_stats", [])
+            finished_samples.append(kv_transfer_params[STATS_KEY])
+            kv_transfer_params = {**kv_transfer_params, STATS_KEY: combine_stats(finished_samples)}
+        return original(self, new_token_ids, pooling_output, finish_reason, stop_reason, kv_transfer_params, *args, **kwargs)
+
+    return make_request_output
+
+
 def _umim_generate(original):
     @functools.wraps(original)
     async def generate(self, *args, **kwargs):
@@ -241,16 +276,42 @@ def _umim_chat_completion_stream_generator(original):
     return chat_completion_stream_generator
 
 
+def _umim_generate_with_builtin_tools(original):
+    @functools.wraps(original)
+    def _generate_with_builtin_tools(self, request_id, engine_input, sampling_params, context, *args, **kwargs):
+        from vllm_umim.server.usage import keep_finished_outputs
+
+        keep_finished_outputs(context)
+        return original(self, request_id, engine_input, sampling_params, context, *args, **kwargs)
+
+    return _generate_with_builtin_tools
+
+
+def _umim_responses_full_generator(original):
+    @functools.wraps(original)
+    async def responses_full_generator(self, request, sampling_params, result_generator, context, *args, **kwargs):
+        from vllm_umim.server.usage import add_to_usage, finished_outputs
+
+        response = await original(self, request, sampling_params, result_generator, context, *args, **kwargs)
+        add_to_usage(getattr(response, "usage", None), finished_outputs(context))
+        return response
+
+    return responses_full_generator
+
+
 WRAPPERS = {
     "create_engine_config": _umim_create_engine_config,
     "_validate_params": _umim_validate_params,
     "add_cli_args": _umim_add_cli_args,
     "from_cli_args": _umim_from_cli_args,
+    "make_request_output": _umim_make_request_output,
     "generate": _umim_generate,
     "request_output_to_completion_response": _umim_request_output_to_completion_response,
     "completion_stream_generator": _umim_completion_stream_generator,
     "chat_completion_full_generator": _umim_chat_completion_full_generator,
     "chat_completion_stream_generator": _umim_chat_completion_stream_generator,
+    "_generate_with_builtin_tools": _umim_generate_with_builtin_tools,
+    "responses_full_generator": _umim_responses_full_generator,
 }
 
 

@@ -10,3 +10,10 @@ def merge_stats(request_output) -> dict | None:
     "kv_blocks_saved", ...}`` for a finished merged request; None if it ran unmerged."""
     params = getattr(request_output, "kv_transfer_params", None) or {}
     return params.get(STATS_KEY)
+
+
+def combine_stats(per_sequence: list[dict]) -> dict:
+    """Figures of a request with ``n > 1`` samples: vLLM runs each sample as its own engine
+    request, so each reports its own figures; the request's are their sums (every figure is a
+    count, and each sample holds its own KV)."""
+    return {key: sum(s[key] for s in per_sequence) for key in per_sequence[0]}

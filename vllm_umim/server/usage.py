@@ -9,6 +9,11 @@ wrappers in ``vllm_umim.engine.patches`` add one ``usage.umim`` object:
   and the final usage chunk (``choices == []``, sent when ``stream_options.include_usage``) gets
   the object before it leaves (:func:`add_to_usage_chunk`).
 
+* Responses API: the engine outputs of every turn are kept on the conversation context
+  (:func:`keep_finished_outputs`) and ``usage.umim`` sums them (:func:`finished_outputs`); a
+  stream's ``response.completed`` event carries the same response object.
+
+With ``n > 1`` the figures are summed over the samples (``vllm_umim.engine.stats.combine_stats``).
 Requests served unmerged (``vllm_xargs: {"umim": false}``) carry no ``umim`` object: their usage
 is stock vLLM's.
 """
@@ -90,3 +95,27 @@ async def stream_with_usage(events: AsyncIterator[str], tap: OutputTap):
     """vLLM's SSE stream, its final usage chunk carrying ``usage.umim``."""
     async for event in events:
         yield add_to_usage_chunk(event, tap)
+
+
+FINISHED_ATTRIBUTE = "umim_finished_outputs"
+
+
+def keep_finished_outputs(context) -> None:
+    """Make a Responses API conversation context keep every finished engine output it is given
+    (one per turn); its ``append_output`` is wrapped on this instance only."""
+    if hasattr(context, FINISHED_ATTRIBUTE):
+        return
+    kept: list = []
+    append_output = context.append_output
+
+    def append_and_keep(output):
+        if getattr(output, "finished", False):
+            kept.append(output)
+        return append_output(output)
+
+    setattr(context, FINISHED_ATTRIBUTE, kept)
+    context.append_output = append_and_keep
+
+
+def finished_outputs(context) -> list:
+    return getattr(context, FINISHED_ATTRIBUTE, [])

@@ -42,7 +42,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=64, help="teacher top-k kept in the cache")
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and log.jsonl (default: <output>.run/)")
     p.add_argument("--cache-dir", type=Path, default=None, help="teacher cache (default: <run-dir>/teacher)")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/ckpt-last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/ckpt-last.safetensors (a larger --max-tokens stretches the schedule)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

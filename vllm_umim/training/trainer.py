@@ -9,9 +9,10 @@
   result, as in the paper.
 * ``max_tokens`` is the budget in *raw* training tokens (windows x seq_len, summed over ranks);
   epochs repeat over the cached windows until it is spent.
-* Checkpoint (``ckpt-last.pt``: module, optimizer, scheduler, step, counters, history) every
-  ``checkpoint_every`` steps and at the end, plus ``module-step<N>.safetensors`` snapshots;
-  ``resume=True`` continues from ``ckpt-last.pt`` exactly (same data order).
+* Checkpoint (``ckpt-last.safetensors``: module, optimizer, scheduler, step and counters; see
+  :mod:`~vllm_umim.training.checkpoint`) every ``checkpoint_every`` steps and at the end, plus
+  ``module-step<N>.safetensors`` snapshots; ``resume=True`` continues from it exactly (same data
+  order). Resuming with a larger ``max_tokens`` stretches the LR schedule over the new budget.
 * ``log.jsonl``: one line per logged step/evaluation (the learning curve).
 * Distributed: under ``torchrun`` (env ``WORLD_SIZE`` > 1) the module is wrapped in torch DDP on
   the gloo backend; each rank takes every ``world``-th batch of the epoch's permutation.
@@ -31,8 +32,11 @@ import torch
 from vllm_umim.module.file_format import model_identity, save_module
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 from vllm_umim.training.batches import collate, segment
+from vllm_umim.training.checkpoint import load_checkpoint, save_checkpoint
 from vllm_umim.training.loss import batch_loss
 from vllm_umim.training.teacher_cache import TeacherCache
+
+CHECKPOINT = "ckpt-last.safetensors"  # resume state (training/checkpoint.py): no pickle
 
 
 @dataclass
@@ -190,34 +194,19 @@ class Trainer:
     def checkpoint(self) -> None:
         if self.rank != 0:
             return
-        state = {
-            "module": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "bad_evals": self.bad_evals,
-            "stopped_early": self.stopped_early,
-            "elapsed": self.elapsed,
-            "config": asdict(self.cfg),
-        }
-        tmp = self.out / "ckpt-last.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.out / "ckpt-last.pt")
+        counters = {key: getattr(self, key) for key in self.COUNTERS}
+        save_checkpoint(self.out / CHECKPOINT, self.module, self.optimizer, self.scheduler, {**counters, "config": asdict(self.cfg)})
         self.save_snapshot(self.out / f"module-step{self.step}.safetensors")
 
+    COUNTERS = ("step", "tokens_seen", "best_val", "best_step", "bad_evals", "stopped_early", "elapsed")
+
     def resume(self) -> bool:
-        path = self.out / "ckpt-last.pt"
+        path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, weights_only=True)
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for key in ("step", "tokens_seen", "best_val", "best_step", "bad_evals", "stopped_early", "elapsed"):
-            setattr(self, key, state[key])
+        counters = load_checkpoint(path, self.module, self.optimizer, self.scheduler)
+        for key in self.COUNTERS:
+            setattr(self, key, counters[key])
         return True
 
     def fit(self) -> dict:

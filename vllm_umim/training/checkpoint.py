@@ -1,0 +1,71 @@
+"""Resume checkpoints as safetensors: tensors in the file, everything else as JSON metadata.
+
+A checkpoint holds the merge module's weights, AdamW's moment buffers, the LR scheduler's state
+and the trainer's counters. ``torch.save`` would pickle all of that; reading a pickle can run code,
+so this format keeps the tensors in safetensors and the rest (numbers, strings, lists) as JSON
+under the metadata key ``umim_checkpoint``. Reading never unpickles anything.
+
+Layout: ``module/<name>`` (module state dict), ``optimizer/<param index>/<buffer>`` (per-parameter
+optimizer state); metadata ``{"optimizer_param_groups": ..., "scheduler": ..., "trainer": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+METADATA_KEY = "umim_checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A resume checkpoint that cannot be read (truncated, not one of ours, or inconsistent)."""
+
+
+def save_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict) -> None:
+    """Write atomically (a temporary file, then rename), so an interrupted write leaves the old one."""
+    path = Path(path)
+    tensors = {f"module/{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+    optim = optimizer.state_dict()
+    for index, buffers in optim["state"].items():
+        for name, value in buffers.items():
+            tensors[f"optimizer/{index}/{name}"] = torch.as_tensor(value).detach().contiguous()
+    scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}  # lambdas are code
+    meta = {"optimizer_param_groups": optim["param_groups"], "scheduler": scheduler_state, "trainer": trainer_state}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """Restore module, optimizer and scheduler in place; return the trainer's counters."""
+    path = Path(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+        tensors = load_file(path)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: no '{METADATA_KEY}' metadata; not a vllm_umim resume checkpoint")
+    meta = json.loads(raw)
+    module_state = {k.removeprefix("module/"): v for k, v in tensors.items() if k.startswith("module/")}
+    try:
+        module.load_state_dict(module_state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: the checkpoint's module does not fit this configuration ({error})") from None
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer_param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    return meta["trainer"]
