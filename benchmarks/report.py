@@ -108,20 +108,26 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for s in report["scenarios"]:
+    for i, s in enumerate(report["scenarios"]):
         tr, r = 100 * s["token_reduction"], s["tokens_per_s_ratio"]
-        left.errorbar(tr, r["median"], yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], fmt="o", capsize=4)
-        left.annotate(s["name"], (tr, r["median"]), textcoords="offset points", xytext=(6, 6))
-        if s["peak_kv_saved"] is not None:
-            right.plot(tr, 100 * s["peak_kv_saved"], "o")
-            right.annotate(s["name"], (tr, 100 * s["peak_kv_saved"]), textcoords="offset points", xytext=(6, 6))
+        label_offset = (6, 6 if i % 2 == 0 else -14)  # neighbouring scenarios often share a TR
+        left.errorbar(tr, r["median"], yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], fmt="o", capsize=4, color=f"C{i}")
+        left.annotate(s["name"], (tr, r["median"]), textcoords="offset points", xytext=label_offset)
+        if s["kv_blocks"] is not None:  # KV capped: both fill it; what merging saves shows as fewer preemptions
+            stock, umim = sum(s["preemptions"]["stock"]), sum(s["preemptions"]["umim"])
+            if stock:
+                right.plot(tr, 100 * (1 - umim / stock), "x", markersize=9, color=f"C{i}")
+                right.annotate(f"{s['name']} (preemptions)", (tr, 100 * (1 - umim / stock)), textcoords="offset points", xytext=label_offset)
+        elif s["peak_kv_saved"] is not None:
+            right.plot(tr, 100 * s["peak_kv_saved"], "o", color=f"C{i}")
+            right.annotate(s["name"], (tr, 100 * s["peak_kv_saved"]), textcoords="offset points", xytext=label_offset)
     xs = [x / 2 for x in range(0, 121)]
     left.plot(xs, [0.9 / (1 - x / 100) for x in xs], ":", color="gray", label="0.9 / (1 - TR)")
     left.axhline(1.0, color="black", linewidth=0.5)
     left.set(xlabel="token reduction TR (%)", ylabel="throughput UMIM / stock (raw tok/s)", title="throughput ratio (median, min–max)")
     left.legend(loc="upper left")
     right.plot(xs, xs, ":", color="gray", label="KV saved = TR")
-    right.set(xlabel="token reduction TR (%)", ylabel="peak KV blocks saved (%)", title="KV cache saved")
+    right.set(xlabel="token reduction TR (%)", ylabel="saved (%)", title="peak KV blocks saved (o); preemptions avoided (x)")
     right.legend(loc="upper left")
     for axis in (left, right):
         axis.set_xlim(-2, max(60, max(100 * s["token_reduction"] for s in report["scenarios"]) + 10))
