@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for name in args.scenario:
         overrides = dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
-        if SCENARIOS.get(name) and SCENARIOS[name].kv_blocks is not None:
+        if SCENARIOS[name].kv_blocks is not None:  # --kv-blocks applies to the KV-capped scenarios
             overrides["kv_blocks"] = args.kv_blocks
         spec = scenario(name, **overrides)
         print(f"{spec.name}: {spec.num_prompts} prompts x {spec.input_len} tokens in, {spec.output_len} out; {spec.about}", flush=True)

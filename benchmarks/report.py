@@ -144,6 +144,18 @@ def write_outputs(report: dict, output_dir: Path) -> dict:
     return paths
 
 
+PROFILE_STAGES = {  # stage -> (file path part, function name; "" = any function of that file)
+    "schedule": ("sched/scheduler.py", "schedule"),
+    "update_from_output": ("sched/scheduler.py", "update_from_output"),
+    "execute_model": ("gpu_model_runner.py", "execute_model"),
+    "sample_tokens": ("gpu_model_runner.py", "sample_tokens"),
+    "umim _update_request_with_output": ("vllm_umim/engine/scheduler.py", "_update_request_with_output"),
+    "umim add_request (prompt compression)": ("vllm_umim/engine/scheduler.py", "add_request"),
+    "umim model runner": ("vllm_umim/engine/model_runner.py", ""),
+    "umim embedding": ("vllm_umim/engine/embedding.py", ""),
+}
+
+
 def profile_summary(path: Path, top: int = 15) -> dict:
     """Where the time of a profiled UMIM run goes: the busiest functions, UMIM's own share, and the
     cumulative time of the main stages."""
@@ -156,16 +168,7 @@ def profile_summary(path: Path, top: int = 15) -> dict:
     umim_self = sum(tt for key, (_, _, tt, _, _) in stats.items() if "/vllm_umim/" in key[0])
     stages = {}
     for key, (_, _, tt, ct, _) in stats.items():
-        for stage, (file_part, name) in {
-            "schedule": ("sched/scheduler.py", "schedule"),
-            "update_from_output": ("sched/scheduler.py", "update_from_output"),
-            "execute_model": ("gpu_model_runner.py", "execute_model"),
-            "sample_tokens": ("gpu_model_runner.py", "sample_tokens"),
-            "umim _update_request_with_output": ("vllm_umim/engine/scheduler.py", "_update_request_with_output"),
-            "umim add_request (prompt compression)": ("vllm_umim/engine/scheduler.py", "add_request"),
-            "umim model runner": ("vllm_umim/engine/model_runner.py", ""),
-            "umim embedding": ("vllm_umim/engine/embedding.py", ""),
-        }.items():
+        for stage, (file_part, name) in PROFILE_STAGES.items():
             if file_part in key[0] and (not name or key[2] == name):
                 stages[stage] = max(stages.get(stage, 0.0), ct)
     return {

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 METADATA_KEY = "umim_checkpoint"
 
@@ -46,11 +46,9 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.
     """Restore module, optimizer and scheduler in place; return the trainer's counters."""
     path = Path(path)
     try:
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
+        with safe_open(path, "pt") as f:  # one read: metadata and tensors
             raw = (f.metadata() or {}).get(METADATA_KEY)
-        tensors = load_file(path)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({error})") from None
     if raw is None:

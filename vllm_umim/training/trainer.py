@@ -76,6 +76,8 @@ def freeze(model):
 
 
 class Trainer:
+    COUNTERS = ("step", "tokens_seen", "best_val", "best_step", "bad_evals", "stopped_early", "elapsed")  # saved with the checkpoint
+
     def __init__(self, model, rules, train_cache: TeacherCache, val_cache: TeacherCache | None, out_dir, config: TrainConfig,
                  module: MergeModule | None = None, tokenizer_fingerprint: str | None = None):
         self.model = freeze(model)
@@ -197,8 +199,6 @@ class Trainer:
         counters = {key: getattr(self, key) for key in self.COUNTERS}
         save_checkpoint(self.out / CHECKPOINT, self.module, self.optimizer, self.scheduler, {**counters, "config": asdict(self.cfg)})
         self.save_snapshot(self.out / f"module-step{self.step}.safetensors")
-
-    COUNTERS = ("step", "tokens_seen", "best_val", "best_step", "bad_evals", "stopped_early", "elapsed")
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
