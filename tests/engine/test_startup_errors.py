@@ -6,7 +6,7 @@ from vllm.engine.arg_utils import EngineArgs
 
 from tests.engine.conftest import RULES
 from vllm_umim.engine.patches import apply_patches
-from vllm_umim.errors import MismatchError, ModuleFileError, RulesFileError
+from vllm_umim.errors import MismatchError, ModuleFileError, RulesFileError, UmimError
 from vllm_umim.module import MergeModule, MergeModuleConfig, save_module
 from vllm_umim.rules import RuleSet, save_rules
 
@@ -49,3 +49,16 @@ def test_good_files_select_umim_components(model_dir):
     assert config.scheduler_config.scheduler_cls.endswith("UmimScheduler")
     assert config.parallel_config.worker_cls.endswith("UmimCPUWorker")
     assert config.scheduler_config.async_scheduling is False
+
+
+def test_explicit_async_scheduling_is_refused_naming_the_flag(model_dir):
+    apply_patches()
+    args = EngineArgs(model=model_dir, async_scheduling=True, additional_config={"umim": {"rules": str(RULES), "module": "mean"}})
+    with pytest.raises(UmimError, match="--no-async-scheduling"):
+        args.create_engine_config()
+
+
+@pytest.mark.parametrize("budget", [-1, "big", True])
+def test_bad_table_budget_is_one_clear_error(model_dir, budget):
+    with pytest.raises(UmimError, match="table_budget_mib must be a number >= 0"):
+        engine_config(model_dir, rules=str(RULES), module="mean", table_budget_mib=budget)

@@ -43,7 +43,7 @@ def test_flags_reach_additional_config(model_dir):
     "argv, message",
     [
         (["--umim-rules", "/nonexistent/rules.bin"], "vllm serve: error: rules file /nonexistent/rules.bin does not exist"),
-        (["--umim-module", "mean"], "vllm serve: error: --umim-module and --umim-mode need --umim-rules"),
+        (["--umim-module", "mean"], "vllm serve: error: the --umim-* flags need --umim-rules"),
     ],
 )
 def test_bad_flags_stop_with_one_line(argv, message):

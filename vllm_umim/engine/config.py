@@ -8,7 +8,9 @@ every worker and are part of vLLM's config hash)::
 
 Keys: ``rules`` (path, required), ``module`` (merge module path; default: the module named in or
 beside the rules file), ``mode`` ("dynamic": prompt and decode merging, pseudocode 4, the default;
-"prompt": prompt-only merging, pseudocode 3).
+"prompt": prompt-only merging, pseudocode 3), ``table_budget_mib`` (memory for the precomputed
+surrogate table, default 1024 MiB; a rule set whose table would be larger runs the merge module
+inside every step instead, see ``vllm_umim.engine.embedding``).
 
 Per request, ``SamplingParams(extra_args={"umim": False})`` (``vllm_xargs`` on the OpenAI server)
 serves that request unmerged; ``"prompt"`` or ``"dynamic"`` picks its mode.
@@ -24,6 +26,8 @@ from vllm_umim.errors import UmimError
 CONFIG_KEY = "umim"
 MODES = ("dynamic", "prompt")
 DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
+OPTIONS = ("rules", "module", "mode", "table_budget_mib")
+DEFAULT_TABLE_BUDGET_MIB = 1024.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class UmimConfig:
     rules: str
     module: str | None = None
     mode: str = "dynamic"
+    table_budget_mib: float = DEFAULT_TABLE_BUDGET_MIB
 
     @property
     def dynamic(self) -> bool:
@@ -40,15 +45,18 @@ class UmimConfig:
     def from_dict(cls, options: dict) -> "UmimConfig":
         if not isinstance(options, dict):
             raise UmimError(f"additional_config['{CONFIG_KEY}'] must be a dict, got {type(options).__name__}")
-        unknown = set(options) - {"rules", "module", "mode"}
+        unknown = set(options) - set(OPTIONS)
         if unknown:
-            raise UmimError(f"unknown UMIM option(s) {sorted(unknown)}; expected rules, module, mode")
+            raise UmimError(f"unknown UMIM option(s) {sorted(unknown)}; expected {', '.join(OPTIONS)}")
         if not options.get("rules"):
             raise UmimError("UMIM needs a rules file: additional_config={'umim': {'rules': 'rules.bin'}}")
         mode = options.get("mode", "dynamic")
         if mode not in MODES:
             raise UmimError(f"UMIM mode must be one of {MODES}, got {mode!r}")
-        return cls(rules=str(options["rules"]), module=options.get("module") or None, mode=mode)
+        budget = options.get("table_budget_mib", DEFAULT_TABLE_BUDGET_MIB)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
+            raise UmimError(f"UMIM table_budget_mib must be a number >= 0 (MiB), got {budget!r}")
+        return cls(rules=str(options["rules"]), module=options.get("module") or None, mode=mode, table_budget_mib=float(budget))
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "UmimConfig | None":

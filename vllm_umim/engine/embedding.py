@@ -2,8 +2,20 @@
 
 Installed in place of the model's ``embed_tokens`` after loading. Ids below ``virtual_base`` are
 embedded as usual; an id ``virtual_base + r`` is the surrogate of rule r: the merge module applied
-to the static embeddings of the rule's tokens. All surrogates of a forward pass are computed in
-one batched call of the module. A step without virtual ids costs one comparison and ``any``.
+to the static embeddings of the rule's tokens.
+
+The wrapper runs inside the model's compiled region (vLLM's defaults: torch.compile on CPU, CUDA
+graphs on GPU), so its forward has no host sync, no data-dependent branch and no data-dependent
+shape: every position gets both a plain embedding and a surrogate, and ``torch.where`` picks one.
+Where the surrogate comes from is one of two sources:
+
+* ``SurrogateTable`` (default): a surrogate depends only on its rule (§3.2: the module sees static
+  embeddings, never context), so every rule's surrogate is computed once at load, in fp32, into a
+  ``[R, d]`` table in the model's dtype; a step costs one gather. Memory: R x d x dtype bytes
+  (SmolLM2-135M, 48k rules: 55 MB in bf16), bounded by ``table_budget_mib``.
+* ``SurrogateOnTheFly`` (rule sets whose table would exceed the budget): the merge module runs on
+  the rule tokens of every position of the step (plain positions compute a surrogate that is thrown
+  away); about 3d² x 4 multiply-adds per position, a few % of a decoder layer stack.
 """
 
 from __future__ import annotations
@@ -11,33 +23,85 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+TABLE_CHUNK = 4096  # rules per merge-module call while building the table
 
-class SurrogateEmbedding(nn.Module):
-    def __init__(self, embedding: nn.Module, merge_module: nn.Module, rule_table: torch.Tensor, virtual_base: int):
+
+def rule_token_embeddings(embedding: nn.Module, rule_table: torch.Tensor, rule_ids: torch.Tensor):
+    """[S, 4, d] static embeddings of the rules' tokens (pad rows embed token 0) and [S] lengths."""
+    spans = rule_table[rule_ids]
+    return embedding(spans.clamp(min=0)), (spans >= 0).sum(dim=1)
+
+
+class SurrogateTable(nn.Module):
+    """Every rule's surrogate, computed once (fp32 module, result in ``dtype``)."""
+
+    def __init__(self, embedding: nn.Module, merge_module: nn.Module, rule_table: torch.Tensor, dtype: torch.dtype):
         super().__init__()
-        self.embedding = embedding
+        module_dtype = next(merge_module.parameters()).dtype
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(rule_table), TABLE_CHUNK):
+                rule_ids = torch.arange(start, min(start + TABLE_CHUNK, len(rule_table)), device=rule_table.device)
+                embeds, lengths = rule_token_embeddings(embedding, rule_table, rule_ids)
+                rows.append(merge_module(embeds.to(module_dtype), lengths).to(dtype))
+        table = torch.cat(rows) if rows else torch.zeros(0, embedding.weight.shape[-1], dtype=dtype)
+        self.register_buffer("table", table.clone(), persistent=False)
+
+    @staticmethod
+    def nbytes(num_rules: int, hidden_size: int, dtype: torch.dtype) -> int:
+        return num_rules * hidden_size * torch.empty(0, dtype=dtype).element_size()
+
+    def forward(self, embedding: nn.Module, rule_ids: torch.Tensor) -> torch.Tensor:
+        return self.table[rule_ids]
+
+
+class SurrogateOnTheFly(nn.Module):
+    """The merge module applied to the rule tokens of every position of the step."""
+
+    def __init__(self, merge_module: nn.Module, rule_table: torch.Tensor):
+        super().__init__()
         self.merge_module = merge_module
         self.register_buffer("rule_table", rule_table.long(), persistent=False)  # [R, 4], -1 padded
-        self.virtual_base = virtual_base
 
-    def surrogates(self, rule_ids: torch.Tensor) -> torch.Tensor:
-        """[S, d] surrogate embeddings of rules ``rule_ids`` (one merge-module call)."""
-        spans = self.rule_table[rule_ids]
-        lengths = (spans >= 0).sum(dim=1)
-        token_embeds = self.embedding(spans.clamp(min=0))
-        dtype = next(self.merge_module.parameters()).dtype
-        return self.merge_module(token_embeds.to(dtype), lengths).to(token_embeds.dtype)
+    def forward(self, embedding: nn.Module, rule_ids: torch.Tensor) -> torch.Tensor:
+        embeds, lengths = rule_token_embeddings(embedding, self.rule_table, rule_ids)
+        module_dtype = next(self.merge_module.parameters()).dtype
+        return self.merge_module(embeds.to(module_dtype), lengths)
+
+
+class SurrogateEmbedding(nn.Module):
+    """Plain ids → the model's embedding; ``virtual_base + r`` → surrogate of rule r."""
+
+    def __init__(self, embedding: nn.Module, surrogates: nn.Module, virtual_base: int, num_rules: int):
+        super().__init__()
+        self.embedding = embedding
+        self.surrogates = surrogates
+        self.virtual_base = virtual_base
+        self.num_rules = num_rules
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_virtual = input_ids >= self.virtual_base
-        if not bool(is_virtual.any()):
-            return self.embedding(input_ids)
-        embeds = self.embedding(torch.where(is_virtual, 0, input_ids))
-        embeds[is_virtual] = self.surrogates(input_ids[is_virtual] - self.virtual_base)
-        return embeds
+        plain = self.embedding(input_ids.masked_fill(is_virtual, 0))
+        if self.num_rules == 0:  # fixed at load: not a data-dependent branch
+            return plain
+        rule_ids = (input_ids - self.virtual_base).clamp(0, self.num_rules - 1)
+        surrogate = self.surrogates(self.embedding, rule_ids).to(plain.dtype)
+        return torch.where(is_virtual.unsqueeze(-1), surrogate, plain)
 
 
-def install_surrogate_embedding(model: nn.Module, merge_module: nn.Module, rule_table: torch.Tensor, virtual_base: int) -> SurrogateEmbedding:
+def build_surrogates(embedding: nn.Module, merge_module: nn.Module, rule_table: torch.Tensor, table_budget_mib: float):
+    """The surrogate source for these rules: a precomputed table within the budget, else on the fly."""
+    weight = embedding.weight
+    merge_module = merge_module.to(device=weight.device, dtype=torch.float32).eval()
+    rule_table = rule_table.to(weight.device).long()
+    if SurrogateTable.nbytes(len(rule_table), weight.shape[-1], weight.dtype) <= table_budget_mib * 2**20:
+        return SurrogateTable(embedding, merge_module, rule_table, weight.dtype)
+    return SurrogateOnTheFly(merge_module, rule_table)
+
+
+def install_surrogate_embedding(
+    model: nn.Module, merge_module: nn.Module, rule_table: torch.Tensor, virtual_base: int, table_budget_mib: float
+) -> SurrogateEmbedding:
     """Wrap the decoder's ``embed_tokens`` (tied LM heads keep the original weight object)."""
     decoder = getattr(model, "model", None)
     embedding = getattr(decoder, "embed_tokens", None)
@@ -45,8 +109,7 @@ def install_surrogate_embedding(model: nn.Module, merge_module: nn.Module, rule_
         raise NotImplementedError(
             f"UMIM wraps the decoder's embed_tokens; {type(model).__name__} has no model.embed_tokens"
         )
-    weight = embedding.weight
-    merge_module = merge_module.to(device=weight.device, dtype=weight.dtype).eval()
-    wrapper = SurrogateEmbedding(embedding, merge_module, rule_table.to(weight.device), virtual_base)
+    surrogates = build_surrogates(embedding, merge_module, rule_table, table_budget_mib)
+    wrapper = SurrogateEmbedding(embedding, surrogates, virtual_base, len(rule_table))
     decoder.embed_tokens = wrapper
     return wrapper

@@ -74,8 +74,11 @@ class UmimModelRunnerMixin:
         module = load_engine_module(config, hf_config, rules)
         self.umim_virtual_base = self.model_config.get_vocab_size()
         self.umim_rule_table = rules.padded.long()
-        install_surrogate_embedding(self.model, module, rules.padded, self.umim_virtual_base)
-        logger.info("UMIM: merge module with %d parameters installed", module.num_parameters())
+        wrapper = install_surrogate_embedding(self.model, module, rules.padded, self.umim_virtual_base, config.table_budget_mib)
+        logger.info(
+            "UMIM: merge module with %d parameters installed; surrogates: %s", module.num_parameters(),
+            type(wrapper.surrogates).__name__,
+        )
 
     def _update_states(self, scheduler_output):
         if not getattr(self.input_batch, "umim_raw_prompts", False):

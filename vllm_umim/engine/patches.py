@@ -6,7 +6,8 @@ fields or per-request metrics, so these methods are wrapped (the work is in ``vl
 
 * ``EngineArgs.create_engine_config``: when ``additional_config["umim"]`` is present, check the
   rules / module / tokenizer files (one clear error before any engine process starts), select the
-  UMIM scheduler and worker, turn async scheduling off, and refuse unsupported setups.
+  UMIM scheduler and worker, turn vLLM's "auto" async scheduling off (refuse it when asked for
+  explicitly), and refuse unsupported setups.
 * ``InputProcessor._validate_params``: reject a bad ``extra_args["umim"]`` in the API process
   (LLM.generate raises a ValueError, the OpenAI server answers 400), never in the engine, and
   turn ``vllm_xargs``' 0 / 1 (pydantic's coercion of JSON false / true) back into booleans.
@@ -128,7 +129,12 @@ def _umim_create_engine_config(original):
         if self.scheduler_cls not in (None, SCHEDULER_CLS):
             raise UmimError(f"UMIM brings its own scheduler; remove scheduler_cls={self.scheduler_cls!r}")
         self.scheduler_cls = SCHEDULER_CLS
-        self.async_scheduling = False
+        if self.async_scheduling:
+            raise UmimError(
+                "UMIM cannot run with async scheduling (a merge decided after sampling would arrive one step "
+                "late): drop --async-scheduling / async_scheduling=True, or pass --no-async-scheduling"
+            )
+        self.async_scheduling = False  # vLLM's "auto" (None) would turn it on on GPU
         vllm_config = original(self, *args, **kwargs)
         parallel = vllm_config.parallel_config
         if parallel.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS, "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker"):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_umim.engine.config import CONFIG_KEY, MODES, UmimConfig
+from vllm_umim.engine.config import CONFIG_KEY, DEFAULT_TABLE_BUDGET_MIB, MODES, UmimConfig
 from vllm_umim.errors import UmimError
 
-FLAGS = {"umim_rules": "rules", "umim_module": "module", "umim_mode": "mode"}
+FLAGS = {"umim_rules": "rules", "umim_module": "module", "umim_mode": "mode", "umim_table_budget_mib": "table_budget_mib"}
 
 
 def add_umim_arguments(parser) -> None:
@@ -28,14 +28,21 @@ def add_umim_arguments(parser) -> None:
         help="merge module file (default: module.safetensors beside the rules); 'mean' = untrained baseline",
     )
     group.add_argument("--umim-mode", default=None, choices=MODES, help="dynamic (prompt and decode merging, default) or prompt")
+    group.add_argument(
+        "--umim-table-budget-mib",
+        default=None,
+        type=float,
+        help=f"memory for the precomputed surrogate table (default {DEFAULT_TABLE_BUDGET_MIB:g}); larger rule sets "
+        "run the merge module in every step instead",
+    )
 
 
 def umim_options(args: argparse.Namespace) -> dict | None:
     """The ``--umim-*`` values as ``additional_config["umim"]`` options, or None when UMIM is off."""
     values = {key: getattr(args, flag, None) for flag, key in FLAGS.items()}
     if values["rules"] is None:
-        if values["module"] is not None or values["mode"] is not None:
-            raise UmimError("--umim-module and --umim-mode need --umim-rules")
+        if any(value is not None for value in values.values()):
+            raise UmimError("the --umim-* flags need --umim-rules")
         return None
     return {key: value for key, value in values.items() if value is not None}
 

@@ -28,12 +28,13 @@ def free_port() -> int:
 class VllmServer:
     """``vllm serve MODEL *args`` on a free local port; its log goes to ``self.log_path``."""
 
-    def __init__(self, model: str, args: list[str], env: dict | None = None, start_timeout: float = 600):
-        self.model, self.args, self.start_timeout = model, list(args), start_timeout
+    def __init__(self, model: str, args: list[str], env: dict | None = None, start_timeout: float = 600, cwd: str | None = None):
+        self.model, self.args, self.start_timeout, self.cwd = model, list(args), start_timeout, cwd
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
+        self.startup_s: float | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
 
     def command(self) -> list[str]:
@@ -42,14 +43,18 @@ class VllmServer:
 
     def start(self) -> "VllmServer":
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        deadline = time.monotonic() + self.start_timeout
+        started = time.monotonic()
+        self.process = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.cwd
+        )
+        deadline = started + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
                     if response.status == 200:
+                        self.startup_s = time.monotonic() - started
                         return self
             except OSError:
                 pass
