@@ -94,11 +94,66 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         raise RulesFileError(f"{path} is truncated inside its header")
     try:
         header = json.loads(raw.decode())
+        if not isinstance(header, dict):
+            raise ValueError(f"expected a JSON object, got {header!r:.40}")
         if header.get("format") != "umim-rules":
             raise ValueError("format field is not 'umim-rules'")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise RulesFileError(f"{path} has a corrupted header: {exc}") from None
     return header, _PREFIX.size + header_len
+
+
+_MAX_VOCAB = 2**31 - 1  # token ids are int32
+
+
+def _field(obj: dict, key: str, kind: type, where: str, path: Path):
+    """``obj[key]`` if it is a ``kind`` (an int field rejects bools); else RulesFileError."""
+    value = obj.get(key) if isinstance(obj, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RulesFileError(f"{path} has a corrupted header: {where}{key} is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def _int_field(obj: dict, key: str, lo: int, hi: int, where: str, path: Path) -> int:
+    value = _field(obj, key, int, where, path)
+    if not lo <= value <= hi:
+        raise RulesFileError(f"{path} has a corrupted header: {where}{key} is {value}, expected {lo}..{hi}")
+    return value
+
+
+def _read_table(data, table, index: int, vocab_size: int, path: Path) -> tuple[int, np.ndarray, np.ndarray]:
+    """One n-gram table, checked: in bounds, token ids in the vocabulary, rows sorted and unique
+    (the matcher's hash index refuses duplicates; readers may binary-search the tables)."""
+    where = f"tables[{index}]."
+    if not isinstance(table, dict):
+        raise RulesFileError(f"{path} has a corrupted header: {where[:-1]} is {table!r}, expected an object")
+    n = _int_field(table, "n", 2, MAX_SPAN, where, path)
+    count = _int_field(table, "count", 0, len(data), where, path)
+    ngrams_offset = _int_field(table, "ngrams_offset", 0, len(data), where, path)
+    counts_offset = _int_field(table, "counts_offset", 0, len(data), where, path)
+    for name, offset, size in (("ngrams", ngrams_offset, 4 * n * count), ("counts", counts_offset, 4 * count)):
+        if offset % 4 or offset + size > len(data):
+            raise RulesFileError(
+                f"{path} has a corrupted header: the {n}-gram {name} table (bytes {offset}..{offset + size}) "
+                f"is misaligned or outside the {len(data)}-byte payload"
+            )
+    grams = np.frombuffer(data, "<i4", count * n, ngrams_offset).reshape(count, n).astype(np.int32)
+    counts = np.frombuffer(data, "<u4", count, counts_offset).astype(np.uint32)
+    if count and (grams.min() < 0 or grams.max() >= vocab_size):
+        raise RulesFileError(f"{path} has {n}-gram token ids outside the vocabulary of {vocab_size}")
+    if count > 1:
+        prev, nxt = grams[:-1], grams[1:]
+        differ = prev != nxt
+        first = differ.argmax(axis=1)
+        rows = np.arange(count - 1)
+        ordered = differ.any(axis=1) & (prev[rows, first] < nxt[rows, first])
+        if not ordered.all():
+            bad = int(np.argmin(ordered))
+            raise RulesFileError(
+                f"{path} has a corrupted {n}-gram table: rows {bad} and {bad + 1} are duplicated or out of order "
+                f"({grams[bad].tolist()}, {grams[bad + 1].tolist()})"
+            )
+    return n, grams, counts
 
 
 def load_rules(path: str | Path) -> RuleSet:
@@ -106,32 +161,50 @@ def load_rules(path: str | Path) -> RuleSet:
     path = Path(path)
     header, payload_offset = read_header(path)
     try:
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=payload_offset) if path.stat().st_size > payload_offset else np.zeros(0, np.uint8)
-        if len(data) != header["payload_size"]:
-            raise RulesFileError(
-                f"{path} is truncated or padded: payload is {len(data)} bytes, header says {header['payload_size']}"
-            )
-        if hashlib.sha256(data).hexdigest() != header["payload_sha256"]:
-            raise RulesFileError(f"{path} is corrupted: payload checksum does not match its header")
-        ngrams, counts = {}, {}
-        for table in header["tables"]:
-            n, count = int(table["n"]), int(table["count"])
-            if not 2 <= n <= MAX_SPAN:
-                raise RulesFileError(f"{path} has a table of {n}-grams; rules must have 2..{MAX_SPAN} tokens")
-            grams = np.frombuffer(data, "<i4", count * n, table["ngrams_offset"]).reshape(count, n)
-            ngrams[n] = grams.astype(np.int32)
-            counts[n] = np.frombuffer(data, "<u4", count, table["counts_offset"]).astype(np.uint32)
-            if count and (grams.min() < 0 or grams.max() >= header["vocab_size"]):
-                raise RulesFileError(f"{path} has {n}-gram token ids outside the vocabulary of {header['vocab_size']}")
-        return RuleSet(
-            tokenizer_fingerprint=header["tokenizer_fingerprint"],
-            vocab_size=int(header["vocab_size"]),
-            threshold=int(header["threshold"]),
-            ngrams=ngrams,
-            counts=counts,
-            meta=header.get("meta", {}),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        return _load_payload(path, header, payload_offset)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # backstop: _load_payload names what it checks
         if isinstance(exc, RulesFileError):
             raise
         raise RulesFileError(f"{path} has an inconsistent header or tables: {exc!r}") from None
+
+
+def _load_payload(path: Path, header: dict, payload_offset: int) -> RuleSet:
+    payload_size = _int_field(header, "payload_size", 0, 2**63, "", path)
+    payload_sha256 = _field(header, "payload_sha256", str, "", path)
+    vocab_size = _int_field(header, "vocab_size", 1, _MAX_VOCAB, "", path)
+    threshold = _int_field(header, "threshold", 0, 2**63, "", path)
+    fingerprint = _field(header, "tokenizer_fingerprint", str, "", path)
+    tables = _field(header, "tables", list, "", path)
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise RulesFileError(f"{path} has a corrupted header: meta is {meta!r}, expected an object")
+    size = path.stat().st_size
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=payload_offset) if size > payload_offset else np.zeros(0, np.uint8)
+    if len(data) != payload_size:
+        raise RulesFileError(f"{path} is truncated or padded: payload is {len(data)} bytes, header says {payload_size}")
+    if hashlib.sha256(data).hexdigest() != payload_sha256:
+        raise RulesFileError(f"{path} is corrupted: payload checksum does not match its header")
+    ngrams, counts = {}, {}
+    for index, table in enumerate(tables):
+        n, grams, table_counts = _read_table(data, table, index, vocab_size, path)
+        if n in ngrams:
+            raise RulesFileError(f"{path} has a corrupted header: two tables of {n}-grams")
+        ngrams[n], counts[n] = grams, table_counts
+    # The summary fields must agree with the tables (``vllm-umim inspect`` prints them).
+    lengths = sorted(ngrams)
+    expected = {
+        "counts": {str(n): len(ngrams[n]) for n in lengths},
+        "min_n": min(lengths, default=0),
+        "max_n": max(lengths, default=0),
+    }
+    for key, value in expected.items():
+        if header.get(key) != value or isinstance(header.get(key), bool):
+            raise RulesFileError(f"{path} has an inconsistent header: {key} is {header.get(key)!r}, but its tables give {value!r}")
+    return RuleSet(
+        tokenizer_fingerprint=fingerprint,
+        vocab_size=vocab_size,
+        threshold=threshold,
+        ngrams=ngrams,
+        counts=counts,
+        meta=meta,
+    )
