@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from vllm_umim.errors import MismatchError, ModuleFileError
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 
 FORMAT = "merge-module/1"
 MEAN_POOLING = "mean"  # module path meaning "the untrained mean-pooling baseline"
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def model_identity(hf_config) -> dict:
@@ -69,15 +70,64 @@ def read_metadata(path: str | Path) -> dict:
     if metadata.get("umim_format") != FORMAT:
         raise ModuleFileError(f"{path} is not a UMIM merge module (umim_format={metadata.get('umim_format')!r})")
     try:
-        return {
+        meta = {
             "config": json.loads(metadata["config"]),
             "model": json.loads(metadata["model"]),
             "tokenizer_fingerprint": metadata["tokenizer_fingerprint"],
             "rules_fingerprint": metadata["rules_fingerprint"],
             "training": json.loads(metadata.get("training", "{}")),
         }
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, RecursionError) as exc:
         raise ModuleFileError(f"{path} has incomplete or corrupted metadata: {exc!r}") from None
+    for key in ("config", "model", "training"):
+        if not isinstance(meta[key], dict):
+            raise ModuleFileError(f"{path} has corrupted metadata: {key} is {meta[key]!r}, expected a JSON object")
+    return meta
+
+
+def _module_config(meta: dict, path) -> MergeModuleConfig:
+    """The config from the metadata, with its sizes checked before anything is allocated."""
+    fields = meta["config"]
+    for key in ("hidden_size", "num_heads", "max_span"):
+        value = fields.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModuleFileError(f"{path} has an invalid module config: {key} is {value!r}, expected a positive integer")
+    try:
+        return MergeModuleConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ModuleFileError(f"{path} has an invalid module config: {exc}") from None
+
+
+def _read_state(path, config: MergeModuleConfig) -> dict[str, torch.Tensor]:
+    """The file's tensors, checked against ``config`` (names, shapes, floating dtypes) before any
+    is read, so a corrupted config cannot make the loader allocate more than the file holds; then
+    checked for NaN/inf, which safetensors would load silently (it has no checksum)."""
+    try:
+        with torch.device("meta"):  # expected shapes without allocating the weights
+            expected = {name: tuple(t.shape) for name, t in MergeModule(config).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError) as exc:
+        raise ModuleFileError(f"{path} has an invalid module config {config}: {exc}") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or unexpected:
+                raise ModuleFileError(f"{path} does not match its config: missing tensors {missing}, unexpected {unexpected}")
+            for name, shape in expected.items():
+                info = f.get_slice(name)
+                if tuple(info.get_shape()) != shape:
+                    raise ModuleFileError(f"{path}: tensor {name} has shape {tuple(info.get_shape())}, expected {shape}")
+                if info.get_dtype() not in _FLOAT_DTYPES:
+                    raise ModuleFileError(f"{path}: tensor {name} has dtype {info.get_dtype()}; merge module weights are floating point (F64, F32, F16, BF16)")
+            state = {name: f.get_tensor(name) for name in expected}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        if isinstance(exc, ModuleFileError):
+            raise
+        raise ModuleFileError(f"{path} is not a readable safetensors merge module: {exc}") from None
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ModuleFileError(f"{path} is corrupted: tensor {name} holds NaN or infinite values")
+    return state
 
 
 def check_compatible(meta: dict, path, model: dict | None = None, tokenizer_fingerprint: str | None = None) -> None:
@@ -104,20 +154,14 @@ def load_module(
     """Load a merge module, checking it against the model identity and tokenizer when given."""
     meta = read_metadata(path)
     check_compatible(meta, path, model, tokenizer_fingerprint)
-    try:
-        config = MergeModuleConfig(**meta["config"])
-    except (TypeError, ValueError) as exc:
-        raise ModuleFileError(f"{path} has an invalid module config: {exc}") from None
+    config = _module_config(meta, path)
+    if model is not None and config.hidden_size != model["hidden_size"]:
+        raise MismatchError(
+            f"merge module {path} has hidden_size={config.hidden_size} in its config, "
+            f"but this model has hidden_size={model['hidden_size']} ({model['name']})"
+        )
+    state = _read_state(path, config)
     module = MergeModule(config)
-    state = load_file(str(path))
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ModuleFileError(f"{path} does not match its config: missing tensors {missing}, unexpected {unexpected}")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ModuleFileError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     module.load_state_dict(state)
     return module.eval(), meta
 
@@ -136,7 +180,10 @@ def resolve_module(
         )
     if str(path) == MEAN_POOLING:
         return MergeModule(MergeModuleConfig(hidden_size)).eval(), {"training": {"baseline": "mean pooling"}}
-    return load_module(path, model, tokenizer_fingerprint)
+    module, meta = load_module(path, model, tokenizer_fingerprint)
+    if module.config.hidden_size != hidden_size:
+        raise MismatchError(f"merge module {path} has hidden_size={module.config.hidden_size}, but this model has hidden_size={hidden_size}")
+    return module, meta
 
 
 def module_dtype(module: MergeModule) -> torch.dtype:
