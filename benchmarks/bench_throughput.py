@@ -56,7 +56,9 @@ def build_parser():
     bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); vLLM's bench uses 1.0")
     bench.add_argument("--profile", action="store_true", help="also profile one UMIM run per scenario (cProfile, in-process engine)")
     bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    parser.set_defaults(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+    # vLLM's own defaults (torch.compile, bf16 on CPU; CUDA graphs on GPU), as users run it:
+    # --enforce-eager and --dtype float32 are vLLM's flags for the other setups
+    parser.set_defaults(max_model_len=1024, seed=0)
     return parser
 
 
@@ -152,9 +154,10 @@ def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir: 
     engines = {"stock": EngineProcess(f"{spec.name}-stock", stock_kwargs, work_dir),
                "umim": EngineProcess(f"{spec.name}-umim", umim_kwargs, work_dir)}
     runs = {"stock": [], "umim": []}
+    startup_s = {}
     try:
-        for engine in engines.values():
-            engine.receive()  # ready
+        for label, engine in engines.items():
+            startup_s[label] = engine.receive()["startup_s"]  # ready (the two start side by side)
         for label, engine in engines.items():  # warm-up: one short run each, not measured
             engine.run(**{**command, "output_len": min(4, spec.output_len)})
         for repetition in range(args.repetitions):
@@ -172,7 +175,7 @@ def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir: 
     profile = None
     if args.profile:
         profile = profile_scenario(spec, command, umim_kwargs, work_dir)
-    return {"scenario": dataclasses.asdict(spec), "runs": runs, "profile": profile}
+    return {"scenario": dataclasses.asdict(spec), "runs": runs, "startup_s": startup_s, "profile": profile}
 
 
 def profile_scenario(spec, command, umim_kwargs, work_dir: Path) -> dict:

@@ -112,8 +112,9 @@ def profiled_run(engine, prompts, output_len, temperature, path: str) -> dict:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     results = os.fdopen(int(sys.argv[2]), "w", buffering=1)
+    started = time.perf_counter()
     engine = build_engine(spec["engine_kwargs"])
-    results.write(json.dumps({"ready": spec["label"]}) + "\n")
+    results.write(json.dumps({"ready": spec["label"], "startup_s": time.perf_counter() - started}) + "\n")
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("quit"):

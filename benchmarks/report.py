@@ -50,6 +50,7 @@ def summarize(result: dict) -> dict:
         "peak_kv_saved": (1 - umim_peak / stock_peak) if stock_peak and umim_peak is not None else None,
         "preemptions": {"stock": [r["preemptions"] for r in stock], "umim": [r["preemptions"] for r in umim]},
         "goal": {"what": goal_text, "target_ratio": target, "met": met},
+        "startup_s": result.get("startup_s"),
         "runs": result["runs"],
         "profile": result.get("profile"),
     }
@@ -57,8 +58,8 @@ def summarize(result: dict) -> dict:
 
 def markdown_table(report: dict) -> str:
     rows = [
-        "| scenario | requests × in → out | stock tok/s | UMIM tok/s | UMIM / stock (median [min–max], n) | goal | TR (prompt) | peak KV blocks stock → UMIM | preemptions stock → UMIM | merges prefill / decode |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | requests × in → out | stock tok/s | UMIM tok/s | UMIM / stock (median [min–max], n) | goal | TR (prompt) | peak KV blocks stock → UMIM | preemptions stock → UMIM | merges prefill / decode | start-up s stock / UMIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["scenarios"]:
         r = s["tokens_per_s_ratio"]
@@ -73,15 +74,29 @@ def markdown_table(report: dict) -> str:
             f"| {r['median']:.3f} [{r['min']:.3f}–{r['max']:.3f}], {r['n']} | {goal_cell} "
             f"| {100 * s['token_reduction']:.1f} % ({100 * s['prompt_token_reduction']:.1f} %) "
             f"| {peak['stock']:.0f} → {peak['umim']:.0f} | {'/'.join(map(str, s['preemptions']['stock']))} → "
-            f"{'/'.join(map(str, s['preemptions']['umim']))} | {s['prefill_merges']} / {s['decode_merges']} |"
+            f"{'/'.join(map(str, s['preemptions']['umim']))} | {s['prefill_merges']} / {s['decode_merges']} "
+            f"| {startup_cell(s.get('startup_s'))} |"
         )
     module = report["umim"].get("module", "module.safetensors beside the rules")
     lines = ["\n".join(rows), "",
              f"Module: `{module}`; alignment on held-out text: {alignment(report)}.",
+             f"Both engines: vLLM's defaults except {engine_arguments(report)}.",
              f"Measured {report['when']} on {report['cpu_count']} CPUs, load average (1/5/15 min) at start "
              f"{report.get('load_average_start')} and end {report['load_average_1_5_15']}.",
              f"Command: `{report['command']}`"]
     return "\n".join(lines)
+
+
+def engine_arguments(report: dict) -> str:
+    changed = {k: v for k, v in report["engine_kwargs"].items() if k not in ("model", "additional_config")}
+    return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "nothing"
+
+
+def startup_cell(startup_s: dict | None) -> str:
+    """Each engine's start-up seconds (both start side by side, so each is slowed by the other)."""
+    if not startup_s:
+        return ""
+    return f"{startup_s['stock']:.0f} / {startup_s['umim']:.0f}"
 
 
 def alignment(report: dict) -> str:

@@ -18,7 +18,9 @@ torch.set_num_threads(1)
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m"
 RULES = ARTIFACTS / "rules.bin"
-ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
+ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)  # fast and exact: most tests
+COMPILED_ARGS = dict(dtype="float32", max_model_len=1024, seed=0)  # torch.compile, fp32: compiled == eager
+DEFAULT_ENGINE_ARGS = dict(max_model_len=1024, seed=0)  # vLLM's defaults as users run them: bf16, torch.compile
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,6 +86,20 @@ def umim_llm(model_dir):
 
 
 @pytest.fixture(scope="session")
+def compiled_umim_llm(model_dir):
+    from vllm import LLM
+
+    return LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **COMPILED_ARGS)
+
+
+@pytest.fixture(scope="session")
+def default_umim_llm(model_dir):
+    from vllm import LLM
+
+    return LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **DEFAULT_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
 def empty_rules_llm(model_dir, empty_rules):
     from vllm import LLM
 
@@ -96,6 +112,30 @@ def hf_model(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def rules():
+    from vllm_umim.rules import load_rules
+
+    return load_rules(RULES)
+
+
+@pytest.fixture(scope="session")
+def reference_runtimes(hf_model, rules):
+    """The HF reference runtime (the correctness oracle) per merge mode, with this session's module."""
+    from vllm_umim.module import model_identity, resolve_module
+    from vllm_umim.reference import ReferenceRuntime
+
+    module, _ = resolve_module(module_for_tests(), hf_model.config.hidden_size, model_identity(hf_model.config), rules.tokenizer_fingerprint)
+    return {mode: ReferenceRuntime(hf_model, rules, module, dynamic=mode == "dynamic") for mode in ("prompt", "dynamic")}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 def token_prompts(prompts):

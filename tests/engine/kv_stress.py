@@ -47,14 +47,13 @@ def external_id(request_id: str) -> str:
     return request_id.rsplit("-", 1)[0]
 
 
-def run(model_dir: str, rules: str, module: str, prompts: list[list[int]]) -> dict:
+def run(model_dir: str, rules: str, module: str, prompts: list[list[int]], engine_args: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
         model=model_dir,
-        dtype="float32",
-        enforce_eager=True,
+        **engine_args,  # fp32 eager, or {} for vLLM's defaults (bf16, torch.compile)
         max_model_len=512,
         seed=0,
         block_size=BLOCK_SIZE,
@@ -109,6 +108,6 @@ def run(model_dir: str, rules: str, module: str, prompts: list[list[int]]) -> di
 
 if __name__ == "__main__":
     config = json.loads(open(sys.argv[1]).read())
-    result = run(config["model_dir"], config["rules"], config["module"], config["prompts"])
+    result = run(config["model_dir"], config["rules"], config["module"], config["prompts"], config["engine_args"])
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)

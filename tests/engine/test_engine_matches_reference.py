@@ -10,35 +10,16 @@ from __future__ import annotations
 import pytest
 from vllm import SamplingParams
 
-from tests.engine.conftest import RULES, module_for_tests, token_prompts
+from tests.engine.conftest import first_difference, token_prompts
 from vllm_umim import merge_stats
-from vllm_umim.module import model_identity, resolve_module
 from vllm_umim.reference import ReferenceRuntime
-from vllm_umim.rules import RuleSet, load_rules
+from vllm_umim.rules import RuleSet
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 32
 TIE = 1e-3  # logits closer than this are a coin toss between kernels
 MAX_TIES = 3
-
-
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-@pytest.fixture(scope="module")
-def rules():
-    return load_rules(RULES)
-
-
-@pytest.fixture(scope="module")
-def reference_runtimes(hf_model, rules):
-    module, _ = resolve_module(module_for_tests(), hf_model.config.hidden_size, model_identity(hf_model.config), rules.tokenizer_fingerprint)
-    return {mode: ReferenceRuntime(hf_model, rules, module, dynamic=mode == "dynamic") for mode in ("prompt", "dynamic")}
 
 
 def compare(outputs, references, prompts):
@@ -90,7 +71,7 @@ def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, 
     )
 
 
-def test_stock_vllm_equals_plain_hf(stock_llm, hf_model, heldout_prompts, tokenizer, rules):
+def test_stock_vllm_equals_plain_hf(stock_llm, hf_model, heldout_prompts, tokenizer):
     """The baseline the tie rule rests on: without merging, vLLM and HF agree up to near-ties."""
     plain = ReferenceRuntime(hf_model, RuleSet("", 0, 0, {}, {}), None)
     outputs = stock_llm.generate(token_prompts(heldout_prompts), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)

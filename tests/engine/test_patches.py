@@ -1,5 +1,6 @@
 """The vLLM methods vllm_umim wraps still exist with the parameters it relies on (vLLM 0.32.0)."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -44,9 +45,10 @@ def test_patched_vllm_internals_exist():
 
 
 def fake_vllm_config(**overrides):
-    values = dict(speculative=None, pp=1, tp=1, async_scheduling=False, hybrid=False, runner="generate")
+    values = dict(speculative=None, pp=1, tp=1, async_scheduling=False, hybrid=False, runner="generate", v2=False)
     values.update(overrides)
     return SimpleNamespace(
+        use_v2_model_runner=values["v2"],
         speculative_config=values["speculative"],
         parallel_config=SimpleNamespace(pipeline_parallel_size=values["pp"], tensor_parallel_size=values["tp"]),
         scheduler_config=SimpleNamespace(async_scheduling=values["async_scheduling"]),
@@ -61,6 +63,7 @@ def fake_vllm_config(**overrides):
         ({"pp": 2}, "pipeline parallelism"),
         ({"async_scheduling": True}, "async scheduling"),
         ({"hybrid": True}, "hybrid or recurrent"),
+        ({"v2": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
     ],
 )
 def test_unsupported_setups_are_refused(override, message):
@@ -120,3 +123,14 @@ def test_request_choice_reads_vllm_xargs_coercion():
     for bad in (2, "always", 0.5, None):
         with pytest.raises(ValueError, match="must be true, false, 'prompt' or 'dynamic'"):
             request_choice(bad)
+
+
+def test_v1_model_runner_is_chosen_where_the_user_left_it_to_vllm(monkeypatch):
+    from vllm_umim.engine.config import prefer_v1_model_runner
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    prefer_v1_model_runner()
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    prefer_v1_model_runner()  # an explicit choice stays; check_vllm_config then refuses it
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"

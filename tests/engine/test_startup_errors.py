@@ -1,6 +1,7 @@
 """Bad or mismatched files stop an engine before it starts, with one error naming the problem."""
 
 import numpy as np
+import torch
 import pytest
 from vllm.engine.arg_utils import EngineArgs
 
@@ -8,7 +9,7 @@ from tests.engine.conftest import RULES
 from vllm_umim.engine.patches import apply_patches
 from vllm_umim.errors import MismatchError, ModuleFileError, RulesFileError, UmimError
 from vllm_umim.module import MergeModule, MergeModuleConfig, save_module
-from vllm_umim.rules import RuleSet, save_rules
+from vllm_umim.rules import RuleSet, load_rules, save_rules
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +63,30 @@ def test_explicit_async_scheduling_is_refused_naming_the_flag(model_dir):
 def test_bad_table_budget_is_one_clear_error(model_dir, budget):
     with pytest.raises(UmimError, match="table_budget_mib must be a number >= 0"):
         engine_config(model_dir, rules=str(RULES), module="mean", table_budget_mib=budget)
+
+
+def test_config_hash_follows_file_contents(model_dir, tmp_path):
+    """vLLM keys its compile cache by the config hash: a module rewritten in place must change it."""
+    module = MergeModule(MergeModuleConfig(576, num_heads=4))
+    path = tmp_path / "module.safetensors"
+    rules = load_rules(RULES)
+
+    def config_hash():
+        save_module(module, path, model=model_identity_of(model_dir), tokenizer_fingerprint=rules.tokenizer_fingerprint,
+                    rules_fingerprint=rules.fingerprint)
+        config = engine_config(model_dir, rules=str(RULES), module=str(path))
+        assert len(config.additional_config["umim"]["fingerprint"]) == 16
+        return config.compute_hash()
+
+    before = config_hash()
+    with torch.no_grad():
+        module.output_proj.weight.mul_(2)
+    assert config_hash() != before
+
+
+def model_identity_of(model_dir):
+    from transformers import AutoConfig
+
+    from vllm_umim.module import model_identity
+
+    return model_identity(AutoConfig.from_pretrained(model_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 from vllm_umim.engine.config import UmimConfig
@@ -26,3 +27,14 @@ def load_engine_module(config: UmimConfig, hf_config, rules: RuleSet):
         tokenizer_fingerprint=rules.tokenizer_fingerprint,
     )
     return module
+
+
+def files_fingerprint(config: UmimConfig, rules: RuleSet) -> str:
+    """Content hash of the rules and merge module an engine runs with (16 hex digits).
+
+    It goes into ``additional_config`` and so into vLLM's config hash, which keys its compile cache:
+    a rules or module file rewritten in place then never meets a graph compiled for the old one."""
+    digest = hashlib.sha256(rules.fingerprint.encode())
+    module = config.module_path()
+    digest.update(module.read_bytes() if module is not None and module.is_file() else str(module).encode())
+    return digest.hexdigest()[:16]

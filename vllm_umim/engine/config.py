@@ -10,7 +10,9 @@ Keys: ``rules`` (path, required), ``module`` (merge module path; default: the mo
 beside the rules file), ``mode`` ("dynamic": prompt and decode merging, pseudocode 4, the default;
 "prompt": prompt-only merging, pseudocode 3), ``table_budget_mib`` (memory for the precomputed
 surrogate table, default 1024 MiB; a rule set whose table would be larger runs the merge module
-inside every step instead, see ``vllm_umim.engine.embedding``).
+inside every step instead, see ``vllm_umim.engine.embedding``). ``fingerprint`` is set by UMIM
+itself at start-up: a content hash of rules and module, so vLLM's compile cache (keyed by the config)
+never serves a graph compiled for other files.
 
 Per request, ``SamplingParams(extra_args={"umim": False})`` (``vllm_xargs`` on the OpenAI server)
 serves that request unmerged; ``"prompt"`` or ``"dynamic"`` picks its mode.
@@ -18,6 +20,7 @@ serves that request unmerged; ``"prompt"`` or ``"dynamic"`` picks its mode.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from vllm_umim.errors import UmimError
 CONFIG_KEY = "umim"
 MODES = ("dynamic", "prompt")
 DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
-OPTIONS = ("rules", "module", "mode", "table_budget_mib")
+OPTIONS = ("rules", "module", "mode", "table_budget_mib", "fingerprint")
 DEFAULT_TABLE_BUDGET_MIB = 1024.0
 
 
@@ -74,6 +77,15 @@ class UmimConfig:
         return None
 
 
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def prefer_v1_model_runner() -> None:
+    """UMIM extends vLLM's V1 model runner. Where the user left the choice to vLLM (its GPU default
+    is V2), choose V1; the variable is inherited by the engine and worker processes."""
+    os.environ.setdefault(V2_RUNNER_ENV, "0")
+
+
 def check_vllm_config(vllm_config) -> None:
     """Refuse, with one clear message, vLLM setups where a rollback cannot be honoured."""
     problems = []
@@ -83,6 +95,8 @@ def check_vllm_config(vllm_config) -> None:
         problems.append("pipeline parallelism (later stages would not see the merged inputs)")
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("async scheduling (a merge decided after sampling would arrive one step late)")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        problems.append(f"Model Runner V2 (UMIM extends the V1 runner): set {V2_RUNNER_ENV}=0")
     model_config = vllm_config.model_config
     if model_config.is_hybrid or getattr(model_config, "is_attention_free", False):
         problems.append("hybrid or recurrent models (their state cannot roll back)")

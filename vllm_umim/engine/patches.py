@@ -7,7 +7,8 @@ fields or per-request metrics, so these methods are wrapped (the work is in ``vl
 * ``EngineArgs.create_engine_config``: when ``additional_config["umim"]`` is present, check the
   rules / module / tokenizer files (one clear error before any engine process starts), select the
   UMIM scheduler and worker, turn vLLM's "auto" async scheduling off (refuse it when asked for
-  explicitly), and refuse unsupported setups.
+  explicitly), choose the V1 model runner where the user left it to vLLM, and refuse unsupported
+  setups.
 * ``InputProcessor._validate_params``: reject a bad ``extra_args["umim"]`` in the API process
   (LLM.generate raises a ValueError, the OpenAI server answers 400), never in the engine, and
   turn ``vllm_xargs``' 0 / 1 (pydantic's coercion of JSON false / true) back into booleans.
@@ -45,7 +46,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
-from vllm_umim.engine.config import CONFIG_KEY, UmimConfig, check_vllm_config
+from vllm_umim.engine.config import CONFIG_KEY, UmimConfig, check_vllm_config, prefer_v1_model_runner
 from vllm_umim.errors import UmimError
 
 PINNED_VLLM = "0.32.0"
@@ -104,11 +105,12 @@ def check_vllm_version() -> None:
         )
 
 
-def validate_umim_files(engine_args: EngineArgs, config: UmimConfig) -> None:
-    """Load rules and module once in the API process and check them against model and tokenizer."""
+def validate_umim_files(engine_args: EngineArgs, config: UmimConfig) -> str:
+    """Load rules and module once in the API process and check them against model and tokenizer;
+    returns their content fingerprint."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_umim.engine.assets import load_engine_module, load_engine_rules
+    from vllm_umim.engine.assets import files_fingerprint, load_engine_module, load_engine_rules
 
     rules = load_engine_rules(config.rules)
     tokenizer_path = engine_args.tokenizer or engine_args.model
@@ -116,6 +118,7 @@ def validate_umim_files(engine_args: EngineArgs, config: UmimConfig) -> None:
     rules.check_tokenizer(tokenizer, what=f"tokenizer of {tokenizer_path}")
     hf_config = AutoConfig.from_pretrained(engine_args.model, trust_remote_code=engine_args.trust_remote_code)
     load_engine_module(config, hf_config, rules)
+    return files_fingerprint(config, rules)
 
 
 def _umim_create_engine_config(original):
@@ -125,7 +128,8 @@ def _umim_create_engine_config(original):
         if options is None:
             return original(self, *args, **kwargs)
         config = UmimConfig.from_dict(options)
-        validate_umim_files(self, config)
+        fingerprint = validate_umim_files(self, config)
+        self.additional_config = {**self.additional_config, CONFIG_KEY: {**options, "fingerprint": fingerprint}}
         if self.scheduler_cls not in (None, SCHEDULER_CLS):
             raise UmimError(f"UMIM brings its own scheduler; remove scheduler_cls={self.scheduler_cls!r}")
         self.scheduler_cls = SCHEDULER_CLS
@@ -135,6 +139,7 @@ def _umim_create_engine_config(original):
                 "late): drop --async-scheduling / async_scheduling=True, or pass --no-async-scheduling"
             )
         self.async_scheduling = False  # vLLM's "auto" (None) would turn it on on GPU
+        prefer_v1_model_runner()
         vllm_config = original(self, *args, **kwargs)
         parallel = vllm_config.parallel_config
         if parallel.worker_cls not in ("auto", CPU_WORKER_CLS, GPU_WORKER_CLS, "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker"):

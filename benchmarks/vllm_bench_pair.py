@@ -1,0 +1,105 @@
+"""vLLM's own ``vllm bench throughput`` with ``--umim-rules`` against the same command without it.
+
+    python benchmarks/vllm_bench_pair.py [--rounds 2] [--num-prompts 128] [--input-words 150] [--output-len 64]
+        [--output-dir benchmarks/results/vllm-bench] [-- extra vllm bench throughput args]
+
+Writes a ShareGPT-format file of natural text (held-out Wikipedia openings and GSM8K problems:
+random-token datasets never match a rule), then runs, ``rounds`` times and alternating which goes
+first, ``vllm bench throughput --dataset-name sharegpt --dataset-path FILE`` in vLLM's defaults,
+once plain and once with ``--umim-rules``. Each run is its own process, so start-up is included in
+neither figure (vLLM's bench times only generation). Prints and writes the ratios of vLLM's own
+``requests_per_second`` and ``tokens_per_second`` (raw tokens, as vLLM counts them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+REPO = HERE.parent
+DEFAULT_RULES = REPO / "artifacts" / "smollm2-135m" / "rules.bin"
+
+
+def write_sharegpt_file(path: Path, num_prompts: int, input_words: int) -> None:
+    """One conversation per document: the human turn is its first ``input_words`` words."""
+    from workloads import natural_documents
+
+    conversations = []
+    for document in natural_documents():
+        words = document.split()
+        if len(words) >= input_words + 20:
+            prompt, rest = " ".join(words[:input_words]), " ".join(words[input_words:])
+            conversations.append({"id": str(len(conversations)),
+                                  "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": rest}]})
+        if len(conversations) == num_prompts:
+            break
+    path.write_text(json.dumps(conversations))
+
+
+def run_bench(model: str, dataset: Path, args, umim_rules: str | None, out: Path) -> dict:
+    command = [str(Path(sys.executable).with_name("vllm")), "bench", "throughput", "--model", model,
+               "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--num-prompts", str(args.num_prompts),
+               "--output-len", str(args.output_len), "--max-model-len", "1024", "--seed", "0",
+               "--output-json", str(out), *args.extra]
+    if umim_rules:
+        command += ["--umim-rules", umim_rules]
+    log = out.with_suffix(".log")
+    started = time.perf_counter()
+    with log.open("w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}); log {log}")
+    result = json.loads(out.read_text())
+    result["process_s"] = time.perf_counter() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--umim-rules", default=str(DEFAULT_RULES))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--input-words", type=int, default=150)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--output-dir", type=Path, default=HERE / "results" / "vllm-bench")
+    parser.add_argument("extra", nargs="*", help="after --: more vllm bench throughput arguments, for both runs")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from vllm_umim.data.model import fetch_model
+
+        args.model = str(fetch_model("smollm2-135m"))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    dataset = args.output_dir / "natural-text.sharegpt.json"
+    write_sharegpt_file(dataset, args.num_prompts, args.input_words)
+    runs = {"stock": [], "umim": []}
+    for round_index in range(args.rounds):
+        order = ("stock", "umim") if round_index % 2 == 0 else ("umim", "stock")
+        for label in order:
+            result = run_bench(args.model, dataset, args, args.umim_rules if label == "umim" else None,
+                               args.output_dir / f"{label}-{round_index}.json")
+            runs[label].append(result)
+            print(f"round {round_index} {label:5s}: {result['tokens_per_second']:.1f} tok/s, "
+                  f"{result['requests_per_second']:.3f} req/s (process {result['process_s']:.0f} s)", flush=True)
+    ratios = {key: [u[key] / s[key] for s, u in zip(runs["stock"], runs["umim"])] for key in ("tokens_per_second", "requests_per_second")}
+    report = {
+        "command": " ".join(["python benchmarks/vllm_bench_pair.py", *(argv if argv is not None else sys.argv[1:])]),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "runs": runs,
+        "ratios": ratios,
+        "median_tokens_per_second_ratio": statistics.median(ratios["tokens_per_second"]),
+    }
+    (args.output_dir / "summary.json").write_text(json.dumps(report, indent=1))
+    print(f"UMIM / stock, vllm bench throughput tokens/s per round: {[round(r, 3) for r in ratios['tokens_per_second']]}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

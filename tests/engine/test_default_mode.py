@@ -1,0 +1,106 @@
+"""UMIM in vLLM's defaults: torch.compile (and bf16 on CPU), as users run it.
+
+* compiled == eager, greedy fp32, on the 60 held-out prompts, prompt and dynamic modes (a prompt may
+  differ only where the HF reference itself sees a near-tie at the first differing step);
+* the untouched defaults (bf16 + torch.compile) merge at prefill and decode, serve real text, and
+  hit the prefix cache; preemption in the defaults is in test_kv_accounting.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+
+from tests.engine.conftest import first_difference, token_prompts
+from vllm_umim import merge_stats
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 32
+TIE = 1e-3  # as in test_engine_matches_reference
+
+
+def compilation_on(llm) -> bool:
+    from vllm.config import CompilationMode
+
+    return llm.llm_engine.vllm_config.compilation_config.mode != CompilationMode.NONE
+
+
+def test_the_default_engines_really_compile(compiled_umim_llm, default_umim_llm, umim_llm):
+    import torch
+
+    assert compilation_on(compiled_umim_llm) and compilation_on(default_umim_llm) and not compilation_on(umim_llm)
+    assert default_umim_llm.llm_engine.vllm_config.model_config.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("mode", ["prompt", "dynamic"])
+def test_compiled_equals_eager(compiled_umim_llm, umim_llm, reference_runtimes, heldout_prompts, tokenizer, mode):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": mode})
+    compiled = compiled_umim_llm.generate(token_prompts(heldout_prompts), params, use_tqdm=False)
+    eager = umim_llm.generate(token_prompts(heldout_prompts), params, use_tqdm=False)
+    ties = []
+    for index, (c, e) in enumerate(zip(compiled, eager)):
+        step = first_difference(list(c.outputs[0].token_ids), list(e.outputs[0].token_ids))
+        if step is None:
+            assert merge_stats(c) == merge_stats(e), index
+            continue
+        reference = reference_runtimes[mode].generate(heldout_prompts[index], MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,))
+        assert reference.margins[step] < TIE, f"prompt {index}: compiled and eager differ at step {step}, margin {reference.margins[step]:.4f}"
+        ties.append((index, step))
+    print(f"\n{mode}: {len(heldout_prompts) - len(ties)}/{len(heldout_prompts)} compiled == eager; near-ties {ties}")
+    assert len(ties) <= 3
+    decode_merges = sum(merge_stats(c)["decode_merges"] for c in compiled)
+    assert (decode_merges > 0) == (mode == "dynamic")
+
+
+def test_defaults_merge_and_serve_text(default_umim_llm, umim_llm, tokenizer, heldout_prompts):
+    prompts = token_prompts(heldout_prompts[:16])
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    bf16 = default_umim_llm.generate(prompts, params, use_tqdm=False)
+    fp32 = umim_llm.generate(prompts, params, use_tqdm=False)
+    for b, f in zip(bf16, fp32):
+        completion = b.outputs[0]
+        assert len(completion.token_ids) == MAX_TOKENS and completion.text == tokenizer.decode(completion.token_ids)
+        # prompt merging depends on the tokens only, never on the dtype
+        assert merge_stats(b)["compressed_prompt_tokens"] == merge_stats(f)["compressed_prompt_tokens"]
+    assert sum(merge_stats(b)["prefill_merges"] for b in bf16) > 0
+    assert sum(merge_stats(b)["decode_merges"] for b in bf16) > 0
+    divergence = [first_difference(list(b.outputs[0].token_ids), list(f.outputs[0].token_ids)) for b, f in zip(bf16, fp32)]
+    print(f"\nbf16 compiled vs fp32 eager, first divergence per prompt (None = equal): {divergence}")
+
+
+def test_defaults_prefix_cache_hit_on_repeated_merged_prompt(default_umim_llm, heldout_prompts):
+    prompt = token_prompts([heldout_prompts[1] * 4])
+    params = SamplingParams(temperature=0.0, max_tokens=16)
+    first = default_umim_llm.generate(prompt, params, use_tqdm=False)[0]
+    second = default_umim_llm.generate(prompt, params, use_tqdm=False)[0]
+    assert second.num_cached_tokens > 0
+    assert list(second.outputs[0].token_ids) == list(first.outputs[0].token_ids)
+    assert merge_stats(second) == merge_stats(first)
+
+
+@pytest.fixture(scope="module")
+def on_the_fly_llm(model_dir):
+    """Compiled fp32 engine whose rule set 'exceeds' a zero table budget: the merge module runs in every step."""
+    from vllm import LLM
+
+    from tests.engine.conftest import COMPILED_ARGS, RULES, module_for_tests
+
+    umim = {"rules": str(RULES), "module": module_for_tests(), "table_budget_mib": 0}
+    return LLM(model=model_dir, additional_config={"umim": umim}, **COMPILED_ARGS)
+
+
+def test_on_the_fly_surrogates_equal_the_table(on_the_fly_llm, compiled_umim_llm, reference_runtimes, heldout_prompts, tokenizer):
+    prompts = heldout_prompts[:24]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    fly = on_the_fly_llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    table = compiled_umim_llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    ties = []
+    for index, (f, t) in enumerate(zip(fly, table)):
+        step = first_difference(list(f.outputs[0].token_ids), list(t.outputs[0].token_ids))
+        if step is not None:
+            reference = reference_runtimes["dynamic"].generate(prompts[index], MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,))
+            assert reference.margins[step] < TIE, f"prompt {index}: on-the-fly and table differ at step {step}"
+            ties.append(index)
+    assert len(ties) <= 2
+    assert sum(merge_stats(f)["decode_merges"] for f in fly) > 0
