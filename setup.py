@@ -51,6 +51,9 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     entry_points={
         "console_scripts": ["vllm-umim = vllm_umim.cli.main:main"],
-        "vllm.general_plugins": ["umim = vllm_umim.engine.plugin:register"],
+        "vllm.general_plugins": [
+            "umim = vllm_umim.engine.plugin:register",  # scheduler, worker, config (offline LLM and server)
+            "umim_server = vllm_umim.server.plugin:register",  # --umim-* flags, usage.umim, /metrics
+        ],
     },
 )

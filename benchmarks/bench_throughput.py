@@ -41,7 +41,7 @@ def build_parser():
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_umim.engine.patches import apply_patches
+    from vllm_umim.server.patches import apply_patches
 
     apply_patches()  # adds the --umim-* flags to EngineArgs.add_cli_args
     parser = FlexibleArgumentParser(prog="vllm-umim bench", description=__doc__.splitlines()[0])

@@ -15,3 +15,8 @@ class ModuleFileError(UmimError):
 
 class MismatchError(UmimError):
     """Rules, merge module, model and tokenizer do not belong together."""
+
+
+class AlignmentError(RuntimeError):
+    """A segmentation, or the teacher/student rows of a batch, disagree (App. C: never align
+    silently). An internal consistency error, not bad user input."""

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 from tests.conftest import make_ruleset
 from vllm_umim.engine.sequence import MergeState, compress_tokens, merge_newest, newest_plain_tokens
+from vllm_umim.policies import GreedyLongestMatch
 
 V = 100  # virtual ids start here
 
@@ -25,7 +26,7 @@ class FakeRequest:
 
 def test_compress_tokens_uses_virtual_ids():
     rules = make_ruleset([(1, 2), (3, 4, 5)])
-    compressed, merges = compress_tokens([9, 1, 2, 3, 4, 5, 1], rules, V)
+    compressed, merges = compress_tokens([9, 1, 2, 3, 4, 5, 1], GreedyLongestMatch(rules), V)
     assert compressed == [9, V + 0, V + 1, 1] and merges == 2
 
 
@@ -37,7 +38,7 @@ def test_newest_plain_tokens_stop_at_a_merged_element():
 def test_merge_rolls_back_n_minus_1_and_drops_stale_block_hashes():
     rules = make_ruleset([(6, 7, 8)])
     request = FakeRequest([1, 2, 3, 4, 5, 6, 7, 8], num_computed_tokens=7)  # 8 is new, not computed
-    event = merge_newest(request, rules, V, hash_block_size=4)
+    event = merge_newest(request, GreedyLongestMatch(rules), V, hash_block_size=4)
     assert request._all_token_ids == [1, 2, 3, 4, 5, V + 0]
     assert request.num_computed_tokens == 5  # 6 and 7 rolled back; the surrogate is fed next
     assert request.block_hashes == ["h0"]  # the second block is no longer full
@@ -48,7 +49,7 @@ def test_merge_rolls_back_n_minus_1_and_drops_stale_block_hashes():
 def test_no_merge_across_a_merged_element_or_without_a_rule():
     rules = make_ruleset([(6, 7)])
     request = FakeRequest([1, V + 0, 7], num_computed_tokens=2)
-    assert merge_newest(request, rules, V, 4) is None
+    assert merge_newest(request, GreedyLongestMatch(rules), V, 4) is None
     request = FakeRequest([1, 2, 7], num_computed_tokens=2)
-    assert merge_newest(request, rules, V, 4) is None
+    assert merge_newest(request, GreedyLongestMatch(rules), V, 4) is None
     assert request._all_token_ids == [1, 2, 7] and request.num_computed_tokens == 2

@@ -14,7 +14,7 @@ from vllm_umim.evaluation.perplexity import base_token_nll, merged_embeddings, t
 from vllm_umim.evaluation.suite import evaluate_windows
 from vllm_umim.evaluation.token_reduction import token_reduction
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
-from vllm_umim.training.batches import AlignmentError, segment
+from vllm_umim.module.batches import AlignmentError, segment
 
 
 def _p(values):

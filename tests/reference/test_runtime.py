@@ -6,6 +6,7 @@ import torch
 from tests.conftest import make_ruleset
 from vllm_umim.module import MergeModule, MergeModuleConfig
 from vllm_umim.reference import Element, ReferenceRuntime, merge_prompt
+from vllm_umim.policies import GreedyLongestMatch
 from vllm_umim.reference.runtime import replay_merges
 
 PROMPT = [5, 9, 17, 3, 40, 41, 42, 7, 9, 17, 12]
@@ -35,7 +36,7 @@ def test_empty_rules_match_hf_generate(tiny_model):
 
 def test_prompt_merging_follows_pseudocode_3(tiny_model):
     rules = make_ruleset([(9, 17), (40, 41, 42), (41, 42), (3, 40)])
-    elements = merge_prompt(PROMPT, rules)
+    elements = merge_prompt(PROMPT, GreedyLongestMatch(rules))
     # 3-grams are merged before 2-grams, so (3, 40) loses to (40, 41, 42)
     assert [e.tokens for e in elements] == [(5,), (9, 17), (3,), (40, 41, 42), (7,), (9, 17), (12,)]
     assert all(e.merged == (len(e.tokens) > 1) for e in elements)
@@ -53,12 +54,12 @@ def test_cached_decoding_equals_recomputation(tiny_model, dynamic):
     assert result.prefill_merges == 2
     assert (result.decode_merges > 0) == dynamic
     # replay the run step by step without any cache
-    replayed = replay_merges(PROMPT, result.output_token_ids, rules, dynamic)
+    replayed = replay_merges(PROMPT, result.output_token_ids, GreedyLongestMatch(rules), dynamic)
     assert [e.tokens for e in replayed.elements] == [e.tokens for e in result.elements]
-    elements = merge_prompt(PROMPT, rules)
+    elements = merge_prompt(PROMPT, GreedyLongestMatch(rules))
     for step, token in enumerate(result.output_token_ids):
         assert greedy_without_cache(runtime, elements) == token, f"step {step}"
-        partial = replay_merges(PROMPT, result.output_token_ids[: step + 2], rules, dynamic)
+        partial = replay_merges(PROMPT, result.output_token_ids[: step + 2], GreedyLongestMatch(rules), dynamic)
         elements = partial.elements[:-1]
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from tests.engine.conftest import RULES
-from vllm_umim.engine.patches import apply_patches
+from vllm_umim.server.patches import apply_patches
 
 
 def parse(*argv):

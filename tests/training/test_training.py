@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import make_ruleset, tiny_llama
-from vllm_umim.training.batches import AlignmentError, check_alignment, collate, segment, student_embeddings
+from vllm_umim.module.batches import AlignmentError, check_alignment, collate, segment, student_embeddings
 from vllm_umim.training.loss import distillation_loss, student_logits
 from vllm_umim.training.teacher_cache import TeacherCache, build_cache, teacher_topk
 from vllm_umim.training.trainer import TrainConfig, Trainer, lr_factor

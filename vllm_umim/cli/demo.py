@@ -46,7 +46,7 @@ def run_demo(num_prompts: int = 3, max_tokens: int = 40) -> None:
     print(f"merge module: {module}\n")
     for prompt, output in zip(prompts, outputs):
         tokens = list(output.outputs[0].token_ids)
-        view = replay_merges(prompt, tokens, reference.rules, dynamic=True)
+        view = replay_merges(prompt, tokens, reference.policy, dynamic=True)
         expected = reference.generate(prompt, max_new_tokens=max_tokens, eos_token_ids=eos_token_ids(reference.model, tokenizer))
         stats = merge_stats(output)
         print(bracketed(view.elements, tokenizer))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vllm_umim.reference import Generation
+from vllm_umim.policies import GreedyLongestMatch
 from vllm_umim.reference.runtime import replay_merges
 from vllm_umim.rules import load_rules
 
@@ -19,7 +20,7 @@ def engine_generate(args, tokenizer, prompt_ids) -> Generation:
     llm = LLM(model=str(args.model), dtype="float32", enforce_eager=True, max_model_len=2048, additional_config={"umim": options})
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     output = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
-    result = replay_merges(prompt_ids, list(output.outputs[0].token_ids), load_rules(args.rules), args.dynamic)
+    result = replay_merges(prompt_ids, list(output.outputs[0].token_ids), GreedyLongestMatch(load_rules(args.rules)), args.dynamic)
     stats = merge_stats(output)
     if stats and stats["compressed_tokens"] != len(result.elements):
         print(f"warning: engine reports {stats['compressed_tokens']} positions, replay gives {len(result.elements)}")

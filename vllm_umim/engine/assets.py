@@ -1,4 +1,5 @@
-"""Loading the rules and merge module an engine runs with (once per process)."""
+"""The rules and merge module an engine runs with: loaded once per process, checked against the
+model and tokenizer, and fingerprinted for vLLM's config hash."""
 
 from __future__ import annotations
 
@@ -38,3 +39,17 @@ def files_fingerprint(config: UmimConfig, rules: RuleSet) -> str:
     module = config.module_path()
     digest.update(module.read_bytes() if module is not None and module.is_file() else str(module).encode())
     return digest.hexdigest()[:16]
+
+
+def validate_umim_files(engine_args, config: UmimConfig) -> str:
+    """Load rules and module once in the API process and check them against model and tokenizer
+    (one clear error naming the problem); returns their content fingerprint."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    rules = load_engine_rules(config.rules)
+    tokenizer_path = engine_args.tokenizer or engine_args.model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=engine_args.trust_remote_code)
+    rules.check_tokenizer(tokenizer, what=f"tokenizer of {tokenizer_path}")
+    hf_config = AutoConfig.from_pretrained(engine_args.model, trust_remote_code=engine_args.trust_remote_code)
+    load_engine_module(config, hf_config, rules)
+    return files_fingerprint(config, rules)

@@ -77,6 +77,12 @@ class UmimConfig:
         return None
 
 
+def virtual_base(vllm_config) -> int:
+    """The first virtual id: the model's vocabulary size. A merged span of rule r is the id
+    ``virtual_base + r`` in the scheduler's sequences and the runner's token rows."""
+    return vllm_config.model_config.get_vocab_size()
+
+
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 

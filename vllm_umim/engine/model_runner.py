@@ -25,7 +25,7 @@ from vllm.logger import init_logger
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
 from vllm_umim.engine.assets import load_engine_module, load_engine_rules
-from vllm_umim.engine.config import UmimConfig
+from vllm_umim.engine.config import UmimConfig, virtual_base
 from vllm_umim.engine.embedding import install_surrogate_embedding
 
 logger = init_logger(__name__)
@@ -72,7 +72,7 @@ class UmimModelRunnerMixin:
         rules = load_engine_rules(config.rules)
         hf_config = self.model_config.hf_config
         module = load_engine_module(config, hf_config, rules)
-        self.umim_virtual_base = self.model_config.get_vocab_size()
+        self.umim_virtual_base = virtual_base(self.vllm_config)
         self.umim_rule_table = rules.padded.long()
         wrapper = install_surrogate_embedding(self.model, module, rules.padded, self.umim_virtual_base, config.table_budget_mib)
         logger.info(

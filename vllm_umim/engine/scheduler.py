@@ -2,12 +2,14 @@
 
 Selected through vLLM's ``scheduler_cls`` config. Three overrides, each small:
 
-* ``add_request``: compress the prompt (pseudocode 3) before vLLM sees its length;
+* ``add_request``: compress the prompt (the merge policy's prefill segmentation, pseudocode 3)
+  before vLLM sees its length;
 * ``_update_request_with_output``: after a sampled token is appended and stop checks ran, merge
-  the newest tokens if they complete a rule (pseudocode 4), rolling back ``num_computed_tokens``;
+  the newest tokens if the policy merges the rule they complete (pseudocode 4), rolling back
+  ``num_computed_tokens``;
 * ``schedule``: hand the step's merge events to the worker on the ``SchedulerOutput``.
 
-Blocks that a rollback may still rewrite (the last ``max_n - 1`` computed positions) are kept out of
+Blocks that a rollback may still rewrite (the last ``rollback_depth`` computed positions) are kept out of
 the prefix cache through the KV coordinator's ``num_reprefillable_tokens``, the knob vLLM has for
 the same situation with multi-token prediction. Finished requests report their merge figures in
 ``RequestOutput.kv_transfer_params["umim"]`` (read them with ``vllm_umim.merge_stats``).
@@ -20,9 +22,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_umim.engine.assets import load_engine_rules
-from vllm_umim.engine.config import MODES, UmimConfig
+from vllm_umim.engine.config import MODES, UmimConfig, virtual_base
 from vllm_umim.engine.stats import STATS_KEY
 from vllm_umim.engine.sequence import MergeEvent, MergeState, compress_tokens, merge_newest
+from vllm_umim.policies import GreedyLongestMatch
 
 logger = init_logger(__name__)
 
@@ -52,12 +55,20 @@ class UmimScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         self.umim_config = UmimConfig.from_vllm_config(vllm_config)
         self.umim_rules = load_engine_rules(self.umim_config.rules)
-        self.virtual_base = vllm_config.model_config.get_vocab_size()
+        self.umim_policy = GreedyLongestMatch(self.umim_rules)
+        self.virtual_base = virtual_base(vllm_config)
         self.pending_merges: list[MergeEvent] = []
-        if self.umim_rules.max_n > 1:
+        if self.rollback_depth > 0:
             coordinator = self.kv_cache_manager.coordinator
-            coordinator.num_reprefillable_tokens = max(coordinator.num_reprefillable_tokens, self.umim_rules.max_n - 1)
+            coordinator.num_reprefillable_tokens = max(coordinator.num_reprefillable_tokens, self.rollback_depth)
         logger.info("UMIM scheduler: %s; mode %s", self.umim_rules.summary(), self.umim_config.mode)
+
+    @property
+    def rollback_depth(self) -> int:
+        """How many computed positions a decode merge can roll back: ``max_span - 1`` (the span's
+        older tokens). Blocks holding them are kept out of the prefix cache; a policy that rolls
+        back further (a raw recent window) raises this one figure."""
+        return max(self.umim_policy.max_span - 1, 0)
 
     # ---- admission: prompt merging -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -69,7 +80,7 @@ class UmimScheduler(Scheduler):
 
     def _compress_prompt(self, request: Request, dynamic: bool) -> None:
         raw_prompt = request.prompt_token_ids
-        compressed, merges = compress_tokens(raw_prompt, self.umim_rules, self.virtual_base)
+        compressed, merges = compress_tokens(raw_prompt, self.umim_policy, self.virtual_base)
         request.umim = MergeState(dynamic, len(raw_prompt), len(compressed), prefill_merges=merges)
         request.prompt_token_ids = compressed
         request.num_prompt_tokens = len(compressed)
@@ -82,7 +93,7 @@ class UmimScheduler(Scheduler):
         new_token_ids, stopped = super()._update_request_with_output(request, new_token_ids, is_stale)
         state: MergeState | None = getattr(request, "umim", None)
         if state is not None and state.dynamic and not stopped and new_token_ids:
-            event = merge_newest(request, self.umim_rules, self.virtual_base, self.hash_block_size)
+            event = merge_newest(request, self.umim_policy, self.virtual_base, self.hash_block_size)
             if event is not None:
                 self.pending_merges.append(event)
         return new_token_ids, stopped

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm_umim.rules import RuleSet
+from vllm_umim.policies import MergePolicy
+from vllm_umim.policies.base import NO_MERGE
 
 
 @dataclass
@@ -55,19 +56,12 @@ class MergeEvent:
     span_length: int
 
 
-def compress_tokens(token_ids: list[int], rules: RuleSet, virtual_base: int) -> tuple[list[int], int]:
-    """Pseudocode 3: the compressed id sequence of ``token_ids`` and its number of merges."""
-    if not len(rules) or len(token_ids) < 2:
+def compress_tokens(token_ids: list[int], policy: MergePolicy, virtual_base: int) -> tuple[list[int], int]:
+    """Prefill merging: the compressed id sequence of ``token_ids`` and its number of merges."""
+    if len(token_ids) < 2:
         return list(token_ids), 0
-    spans = rules.find_spans([token_ids])[0]
-    compressed, merges = [], 0
-    for token, rule_id in zip(token_ids, spans):
-        if rule_id >= 0:
-            compressed.append(virtual_base + rule_id)
-            merges += 1
-        elif rule_id == -1:
-            compressed.append(token)
-    return compressed, merges
+    segmentation = policy.segment([list(token_ids)])[0]
+    return segmentation.compressed_ids(virtual_base), segmentation.num_merged
 
 
 def newest_plain_tokens(token_ids: list[int], virtual_base: int, max_n: int) -> list[int]:
@@ -80,19 +74,19 @@ def newest_plain_tokens(token_ids: list[int], virtual_base: int, max_n: int) -> 
     return tail[::-1]
 
 
-def merge_newest(request, rules: RuleSet, virtual_base: int, hash_block_size: int) -> MergeEvent | None:
-    """Pseudocode 4 on a vLLM request whose newest token was just appended.
+def merge_newest(request, policy: MergePolicy, virtual_base: int, hash_block_size: int) -> MergeEvent | None:
+    """Decode merging (pseudocode 4) on a vLLM request whose newest token was just appended.
 
-    If the newest plain tokens complete a rule n-gram, replace them by one virtual id and roll
+    If the policy merges the rule n-gram the newest plain tokens complete, replace them by one virtual id and roll
     ``num_computed_tokens`` back by n-1 (the older n-1 had KV; the newest had none yet). The
     rolled-back KV slots stay allocated and are overwritten as the sequence regrows, like
     rejected speculative tokens. Block hashes past the new end are dropped and recomputed.
     """
     token_ids = request._all_token_ids
-    rule_id = rules.match_suffix(newest_plain_tokens(token_ids, virtual_base, rules.max_n))
-    if rule_id < 0:
+    rule_id = policy.decode_rule(newest_plain_tokens(token_ids, virtual_base, policy.max_span))
+    if rule_id == NO_MERGE:
         return None
-    n = int(rules.span_lengths[rule_id])
+    n = int(policy.rules.span_lengths[rule_id])
     assert request.num_computed_tokens == len(token_ids) - 1, "merge check must follow a full step"
     del token_ids[-n:]
     token_ids.append(virtual_base + rule_id)

@@ -2,7 +2,7 @@
 
 All metrics compare the teacher (original LM on raw tokens) with the student (LM on the merged
 sequence) at *aligned* rows only — the App. C loss mask: student row ``j`` from the first merged
-element on, against teacher row ``last[j]`` (see :mod:`vllm_umim.training.batches`).
+element on, against teacher row ``last[j]`` (see :mod:`vllm_umim.module.batches`).
 
 Inputs are probabilities (or logits where noted) of shape [N, V], already aligned row by row;
 :func:`align_rows` does Algorithm 2's select/pad/stack from [B, S, V] tensors and masks.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_umim.training.batches import AlignmentError
+from vllm_umim.module.batches import AlignmentError
 
 METRICS = ("top1", "top3", "top10", "topp", "mrr")
 

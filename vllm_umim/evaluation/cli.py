@@ -67,7 +67,7 @@ def run_eval(args) -> dict:
     from vllm_umim.rules.ruleset import tokenizer_fingerprint
     from vllm_umim.evaluation.suite import evaluate_windows
     from vllm_umim.evaluation.token_reduction import corpus_token_reduction
-    from vllm_umim.training.batches import corpus_windows
+    from vllm_umim.module.batches import corpus_windows
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from vllm_umim.training.batches import Segmentation, collate
+from vllm_umim.module.batches import Segmentation, collate
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def base_token_nll(model, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def merged_embeddings(model, module, seg: Segmentation) -> torch.Tensor:
-    from vllm_umim.training.batches import student_embeddings
+    from vllm_umim.module.batches import student_embeddings
 
     batch = collate([seg])
     return student_embeddings(batch, model.get_input_embeddings(), module)[0]

@@ -20,7 +20,7 @@ import time
 import torch
 
 from vllm_umim.evaluation.perplexity import base_token_nll, two_stage_token_nll
-from vllm_umim.training.batches import segment
+from vllm_umim.module.batches import segment
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "copa", "openbookqa")
 

@@ -14,7 +14,7 @@ import torch
 
 from vllm_umim.evaluation.alignment import AlignmentMeter
 from vllm_umim.evaluation.perplexity import base_token_nll, perplexity, two_stage_token_nll
-from vllm_umim.training.batches import check_alignment, collate, segment
+from vllm_umim.module.batches import check_alignment, collate, segment
 
 
 @torch.no_grad()

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from vllm_umim.ops.matcher import SINGLE
+from vllm_umim.policies import GreedyLongestMatch, MergePolicy
+from vllm_umim.policies.base import NO_MERGE
 from vllm_umim.rules import RuleSet
 from vllm_umim.rules.ruleset import MAX_SPAN
-
-SINGLE = -1  # rule id of an element that is one plain token
 
 
 @dataclass(frozen=True)
@@ -58,37 +59,50 @@ class Generation:
         return 1.0 - len(self.elements) / max(self.raw_length, 1)
 
 
-def merge_prompt(token_ids: list[int], rules: RuleSet) -> list[Element]:
-    """Pseudocode 3's prompt merging, via the matcher (longest n first, left to right)."""
-    spans = rules.find_spans([token_ids])[0] if token_ids else []
-    elements = []
-    for i, rule_id in enumerate(spans):
-        if rule_id >= 0:
-            elements.append(Element(rules.tokens_of(rule_id), rule_id))
-        elif rule_id == SINGLE:
-            elements.append(Element((token_ids[i],)))
-    return elements
+def merge_prompt(token_ids: list[int], policy: MergePolicy) -> list[Element]:
+    """Prefill merging (pseudocode 3 for the paper's policy): the prompt as elements."""
+    if not token_ids:
+        return []
+    segmentation = policy.segment([list(token_ids)])[0]
+    return [
+        Element(tuple(token_ids[start:end]), rule_id)
+        for rule_id, start, end in zip(segmentation.rule_ids, segmentation.starts, segmentation.ends)
+    ]
 
 
-def merge_newest(elements: list[Element], rules: RuleSet) -> int:
-    """Pseudocode 4's check: rule id if the newest plain elements form a rule, else -1.
-
-    Only trailing *plain* elements can take part: a span containing a merged element is not in R.
+def merge_newest(elements: list[Element], policy: MergePolicy) -> int:
+    """Pseudocode 4's check: the rule to merge now if the newest plain elements complete one, else
+    NO_MERGE. Only trailing *plain* elements can take part: a span containing a merged element is not in R.
     """
     tail = []
-    for element in reversed(elements[-rules.max_n :] if rules.max_n else []):
+    for element in reversed(elements[-policy.max_span :] if policy.max_span else []):
         if element.merged:
             break
         tail.append(element.tokens[0])
-    return rules.match_suffix(tail[::-1])
+    return policy.decode_rule(tail[::-1])
+
+
+def merge_after_token(elements: list[Element], policy: MergePolicy) -> int:
+    """Decode merging after a token was appended to ``elements``: replace the newest n plain
+    elements by one merged element in place when the policy says so; returns n (0: no merge)."""
+    rule_id = merge_newest(elements, policy)
+    if rule_id == NO_MERGE:
+        return 0
+    tokens = policy.rules.tokens_of(rule_id)
+    del elements[-len(tokens) :]
+    elements.append(Element(tokens, rule_id))
+    return len(tokens)
 
 
 class ReferenceRuntime:
-    """Runs a frozen HF causal LM with UMIM merging. ``dynamic=False`` is prompt-only merging."""
+    """Runs a frozen HF causal LM with UMIM merging. ``dynamic=False`` is prompt-only merging;
+    ``policy`` decides what merges (default: the paper's, ``GreedyLongestMatch``), the same policy
+    object the engine's scheduler uses."""
 
-    def __init__(self, model, rules: RuleSet, merge_module, dynamic: bool = True):
+    def __init__(self, model, rules: RuleSet, merge_module, dynamic: bool = True, policy: MergePolicy | None = None):
         self.model = model.eval()
         self.rules = rules
+        self.policy = policy or GreedyLongestMatch(rules)
         self.merge_module = merge_module.eval() if merge_module is not None else None
         self.dynamic = dynamic
         self.embedding = model.get_input_embeddings()
@@ -131,7 +145,7 @@ class ReferenceRuntime:
         seed: int | None = None,
         merge_prompt_tokens: bool = True,
     ) -> Generation:
-        elements = merge_prompt(prompt_token_ids, self.rules) if merge_prompt_tokens else [Element((t,)) for t in prompt_token_ids]
+        elements = merge_prompt(prompt_token_ids, self.policy) if merge_prompt_tokens else [Element((t,)) for t in prompt_token_ids]
         result = Generation(list(prompt_token_ids), [], elements, len(elements))
         result.prefill_merges = sum(e.merged for e in elements)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -148,12 +162,9 @@ class ReferenceRuntime:
                 break
             if len(result.output_token_ids) == max_new_tokens:
                 break
-            rule_id = merge_newest(elements, self.rules) if self.dynamic else -1
-            if rule_id >= 0:  # roll back the n-1 cached elements, feed the surrogate instead
-                n = len(self.rules.tokens_of(rule_id))
-                del elements[-n:]
-                cache.crop(-(n - 1))  # drop the n-1 older elements of the span
-                elements.append(Element(self.rules.tokens_of(rule_id), rule_id))
+            n = merge_after_token(elements, self.policy) if self.dynamic else 0
+            if n:  # roll back the n-1 cached elements of the span; the surrogate is fed instead
+                cache.crop(-(n - 1))
                 result.decode_merges += 1
             result.elements_history.append(len(elements))
             logits = self.forward(self.embed(elements[-1:]), len(elements) - 1, cache)
@@ -186,22 +197,18 @@ def bracketed(elements: list[Element], tokenizer) -> str:
     return "".join(parts)
 
 
-def replay_merges(prompt_token_ids: list[int], output_token_ids: list[int], rules: RuleSet, dynamic: bool) -> Generation:
+def replay_merges(prompt_token_ids: list[int], output_token_ids: list[int], policy: MergePolicy, dynamic: bool) -> Generation:
     """The compressed sequence that merging produces for these raw tokens, without running a model.
 
     Merges depend only on the raw tokens, so this rebuilds what an engine did from its output
     (for ``vllm-umim generate --engine vllm`` and for checking engine figures).
     """
-    elements = merge_prompt(prompt_token_ids, rules)
+    elements = merge_prompt(prompt_token_ids, policy)
     result = Generation(list(prompt_token_ids), list(output_token_ids), elements, len(elements))
     result.prefill_merges = sum(e.merged for e in elements)
     for token in output_token_ids[:-1]:  # the last token is never fed back
         elements.append(Element((token,)))
-        rule_id = merge_newest(elements, rules) if dynamic else -1
-        if rule_id >= 0:
-            n = len(rules.tokens_of(rule_id))
-            del elements[-n:]
-            elements.append(Element(rules.tokens_of(rule_id), rule_id))
+        if dynamic and merge_after_token(elements, policy):
             result.decode_merges += 1
     if output_token_ids:
         elements.append(Element((output_token_ids[-1],)))

@@ -53,7 +53,7 @@ def apply_umim_options(engine_args, args: argparse.Namespace) -> bool:
 
     A ``vllm serve`` user sees one line, ``vllm serve: error: <what is wrong>``, and exit status 1.
     """
-    from vllm_umim.engine.patches import validate_umim_files
+    from vllm_umim.engine.assets import validate_umim_files
 
     try:
         options = umim_options(args)

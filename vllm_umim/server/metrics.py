@@ -4,7 +4,7 @@ Registered in the API process (vLLM's ``/metrics`` route serves prometheus_clien
 collects the multiprocess directory when ``PROMETHEUS_MULTIPROC_DIR`` is set, which counters
 created here also write to). They are incremented once per finished merged request from its
 figures (``RequestOutput.kv_transfer_params["umim"]``) by the ``AsyncLLM.generate`` wrapper in
-``vllm_umim.engine.patches``, so every API (completions, chat, responses) counts. The ``vllm_umim:``
+``vllm_umim.server.patches``, so every API (completions, chat, responses) counts. The ``vllm_umim:``
 prefix keeps them clear of vLLM's ``unregister_vllm_metrics`` (which drops ``vllm:*``).
 
 Token reduction over a window: ``1 - rate(merged_tokens) / rate(raw_tokens)``.

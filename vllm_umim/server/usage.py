@@ -2,7 +2,7 @@
 
 The engine reports a finished merged request's figures in ``RequestOutput.kv_transfer_params["umim"]``
 (``vllm_umim.engine.stats``). The serving layer builds ``usage`` from token counts only, so the
-wrappers in ``vllm_umim.engine.patches`` add one ``usage.umim`` object:
+wrappers in ``vllm_umim.server.patches`` add one ``usage.umim`` object:
 
 * non-streaming: set on the response's ``usage`` (an ``OpenAIBaseModel``, extra fields allowed);
 * streaming: the outputs are tapped on their way into vLLM's stream generator (:class:`OutputTap`)

@@ -56,7 +56,7 @@ def run_train(args) -> dict:
 
     from vllm_umim.rules import load_rules
     from vllm_umim.rules.ruleset import tokenizer_fingerprint
-    from vllm_umim.training.batches import corpus_windows
+    from vllm_umim.module.batches import corpus_windows
     from vllm_umim.training.teacher_cache import build_cache
     from vllm_umim.training.trainer import TrainConfig, train
 

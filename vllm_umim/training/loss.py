@@ -2,7 +2,7 @@
 
 The paper's loss is the cross-entropy ``-sum_v p_teacher(v) log p_student(v)`` averaged over the
 loss-masked (aligned) rows; it equals ``KL(teacher || student)`` up to the teacher entropy, a
-constant for the module. Rows are aligned as in :mod:`vllm_umim.training.batches`: student row
+constant for the module. Rows are aligned as in :mod:`vllm_umim.module.batches`: student row
 ``j`` (compressed) against teacher row ``last[j]`` (raw).
 
 Approximation. The teacher is run once and only its top-k logits (k = 64 by default) and full
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_umim.training.batches import Batch, check_alignment, student_embeddings
+from vllm_umim.module.batches import Batch, check_alignment, student_embeddings
 
 
 def student_logits(model, module, batch: Batch) -> torch.Tensor:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_umim.training.batches import collate, segment
+from vllm_umim.module.batches import collate, segment
 
 FORMAT = "umim-teacher-cache/1"
 
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_umim.rules import load_rules
-    from vllm_umim.training.batches import corpus_windows
+    from vllm_umim.module.batches import corpus_windows
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", required=True)

@@ -31,7 +31,7 @@ import torch
 
 from vllm_umim.module.file_format import model_identity, save_module
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
-from vllm_umim.training.batches import collate, segment
+from vllm_umim.module.batches import collate, segment
 from vllm_umim.training.checkpoint import load_checkpoint, save_checkpoint
 from vllm_umim.training.loss import batch_loss
 from vllm_umim.training.teacher_cache import TeacherCache

@@ -1,8 +1,9 @@
-"""Training/evaluation windows, their merge segmentation, and the App. C masks and index mapping.
+"""What training and evaluation feed the merge module: windows, their merge segmentation, and the
+App. C masks and index mapping.
 
 A *window* is ``seq_len`` consecutive raw tokens of the tokenized corpus (documents joined with
 the EOS token, paper App. E.1 "concatenate into a fixed-length dataset"). Merging it with the
-rules (pseudocode 3, via ``RuleSet.find_spans``) gives ``M <= seq_len`` *elements* (a plain token
+rules (the paper's policy, ``vllm_umim.policies.GreedyLongestMatch``) gives ``M <= seq_len`` *elements* (a plain token
 or a merged span). For element ``j`` let ``last[j]`` be the raw index of its last token.
 
 Alignment (paper §3.3, App. C). The student's output at compressed position ``j`` is the
@@ -30,52 +31,18 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_umim.errors import AlignmentError
+from vllm_umim.policies import GreedyLongestMatch, Segmentation
 from vllm_umim.rules import RuleSet
 from vllm_umim.rules.ruleset import MAX_SPAN
 
-
-class AlignmentError(RuntimeError):
-    """Teacher and student masks/positions disagree (App. C: never align silently)."""
-
-
-@dataclass
-class Segmentation:
-    """One merged window: ``spans[j]`` = rule id (or -1) and raw start/end of element j."""
-
-    tokens: list[int]
-    rule_ids: list[int]
-    starts: list[int]
-    ends: list[int]  # exclusive
-
-    @property
-    def num_elements(self) -> int:
-        return len(self.rule_ids)
-
-    @property
-    def first_merge(self) -> int:
-        """Compressed index of the first merged element (``num_elements`` if none)."""
-        return next((j for j, r in enumerate(self.rule_ids) if r >= 0), self.num_elements)
+__all__ = ["AlignmentError", "Batch", "Segmentation", "check_alignment", "collate", "corpus_windows", "segment",
+           "student_embeddings"]
 
 
 def segment(windows: list[list[int]], rules: RuleSet) -> list[Segmentation]:
-    """Merge each window with ``rules`` (pseudocode 3 order, native matcher)."""
-    out = []
-    for tokens, spans in zip(windows, rules.find_spans(windows) if windows else []):
-        rule_ids, starts, ends = [], [], []
-        i = 0
-        while i < len(tokens):
-            rid = spans[i]
-            if rid == -2:
-                raise AlignmentError(f"position {i} is covered by a span that does not start before it")
-            n = len(rules.tokens_of(rid)) if rid >= 0 else 1
-            if rid >= 0 and tuple(tokens[i : i + n]) != rules.tokens_of(rid):
-                raise AlignmentError(f"rule {rid} does not match the tokens at {i}")
-            rule_ids.append(rid)
-            starts.append(i)
-            ends.append(i + n)
-            i += n
-        out.append(Segmentation(list(tokens), rule_ids, starts, ends))
-    return out
+    """Merge each window as the engine merges a prompt (pseudocode 3: the paper's policy)."""
+    return GreedyLongestMatch(rules).segment(windows)
 
 
 @dataclass
