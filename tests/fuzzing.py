@@ -91,7 +91,16 @@ class FuzzStats:
 
     def test(self, name: str) -> dict:
         return self.tests.setdefault(
-            name, {"inputs": 0, "loaded": 0, "raised": 0, "errors": Counter(), "mutations": Counter(), "started": time.perf_counter()}
+            name,
+            {
+                "inputs": 0,
+                "loaded": 0,
+                "raised": 0,
+                "errors": Counter(),
+                "mutations": Counter(),  # inputs per mutation kind (an input may combine kinds)
+                "loaded_mutations": Counter(),  # the same, for the inputs that loaded
+                "started": time.perf_counter(),
+            },
         )
 
     def record(self, name: str, ops, outcome: str | None, unchanged: bool = False) -> None:
@@ -102,9 +111,11 @@ class FuzzStats:
             entry["unchanged"] = entry.get("unchanged", 0) + 1
             return
         entry["inputs"] += 1
-        entry["mutations"].update({op[0] for op in ops})
+        kinds = {op[0] for op in ops}
+        entry["mutations"].update(kinds)
         if outcome is None:
             entry["loaded"] += 1
+            entry["loaded_mutations"].update(kinds)
         else:
             entry["raised"] += 1
             entry["errors"][outcome] += 1
