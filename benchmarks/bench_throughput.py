@@ -17,7 +17,6 @@ reduction) and ``throughput.md`` (the table, for the README).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os

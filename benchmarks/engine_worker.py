@@ -87,12 +87,12 @@ def run(engine, prompts: list[list[int]], output_len: int, temperature: float) -
         "preemptions": stats_logger.preemptions,
         "merged_requests": len(merged),
         "raw_tokens": total("raw_tokens") if merged else None,
-        "merged_tokens": total("compressed_tokens") if merged else None,
+        "positions": total("positions") if merged else None,
         "raw_prompt_tokens": total("raw_prompt_tokens") if merged else None,
-        "merged_prompt_tokens": total("compressed_prompt_tokens") if merged else None,
+        "prompt_positions": total("prompt_positions") if merged else None,
         "prefill_merges": total("prefill_merges") if merged else 0,
         "decode_merges": total("decode_merges") if merged else 0,
-        "kv_tokens_saved": total("kv_tokens_saved") if merged else 0,
+        "tokens_merged_away": total("tokens_merged_away") if merged else 0,
     }
 
 

@@ -25,8 +25,8 @@ def summarize(result: dict) -> dict:
     ratio = lambda key: spread([u[key] / s[key] for s, u in zip(stock, umim)])  # noqa: E731
     last = umim[-1]
     merged = last["merged_requests"] > 0
-    token_reduction = 1 - last["merged_tokens"] / last["raw_tokens"] if merged else 0.0
-    prompt_reduction = 1 - last["merged_prompt_tokens"] / last["raw_prompt_tokens"] if merged else 0.0
+    token_reduction = last["tokens_merged_away"] / last["raw_tokens"] if merged else 0.0
+    prompt_reduction = 1 - last["prompt_positions"] / last["raw_prompt_tokens"] if merged else 0.0
     stock_peak = statistics.median(r["peak_kv_blocks"] for r in stock) if stock[0]["peak_kv_blocks"] is not None else None
     umim_peak = statistics.median(r["peak_kv_blocks"] for r in umim) if umim[0]["peak_kv_blocks"] is not None else None
     name = result["scenario"]["name"]

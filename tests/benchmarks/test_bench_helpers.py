@@ -44,7 +44,7 @@ def test_never_matching_rules_keep_the_shape_and_never_match():
 
 def run(tokens_per_s, peak, preemptions, merged=True):
     return {"tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / 100, "peak_kv_blocks": peak, "preemptions": preemptions,
-            "merged_requests": 4 if merged else 0, "merged_tokens": 75, "raw_tokens": 100, "merged_prompt_tokens": 60,
+            "merged_requests": 4 if merged else 0, "tokens_merged_away": 25, "raw_tokens": 100, "prompt_positions": 60,
             "raw_prompt_tokens": 80, "prefill_merges": 20, "decode_merges": 5, "num_kv_blocks": 48}
 
 
@@ -65,6 +65,9 @@ def test_outputs_are_written(tmp_path):
     summary = report.summarize(result)
     assert summary["goal"]["target_ratio"] == pytest.approx(0.9 / 0.75) and summary["goal"]["met"] is False
     full = {"scenarios": [summary], "umim": {"module": "mean"}, "module_eval": None, "when": "now", "cpu_count": 2,
-            "load_average_start": [1, 1, 1], "load_average_1_5_15": [1, 1, 1], "command": "vllm-umim bench"}
+            "load_average_start": [1, 1, 1], "load_average_1_5_15": [1, 1, 1], "command": "vllm-umim bench",
+            "engine_kwargs": {"model": "m", "additional_config": {}, "max_model_len": 1024}}
     paths = report.write_outputs(full, tmp_path)
-    assert paths["plot"].stat().st_size > 0 and "NOT met" in paths["markdown"].read_text()
+    table = paths["markdown"].read_text()
+    assert paths["plot"].stat().st_size > 0 and "NOT met" in table
+    assert "vLLM's defaults except max_model_len=1024." in table

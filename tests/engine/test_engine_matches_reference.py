@@ -55,7 +55,7 @@ def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, 
         if index in tied:
             continue
         stats = merge_stats(output)
-        assert stats["compressed_tokens"] == len(reference.elements), index
+        assert stats["positions"] == len(reference.elements), index
         assert stats["prefill_merges"] == reference.prefill_merges
         assert stats["decode_merges"] == reference.decode_merges
         decode_merges += stats["decode_merges"]
@@ -63,11 +63,11 @@ def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, 
     figures = [merge_stats(o) for o in outputs]
     raw_prompt = sum(f["raw_prompt_tokens"] for f in figures)
     raw_output = sum(f["raw_tokens"] - f["raw_prompt_tokens"] for f in figures)
-    output_positions = sum(f["compressed_tokens"] - f["compressed_prompt_tokens"] for f in figures)
+    output_positions = sum(f["positions"] - f["prompt_positions"] for f in figures)
     print(
-        f"{mode}: prefill TR {1 - sum(f['compressed_prompt_tokens'] for f in figures) / raw_prompt:.1%}, "
+        f"{mode}: prefill TR {1 - sum(f['prompt_positions'] for f in figures) / raw_prompt:.1%}, "
         f"decode TR {1 - output_positions / raw_output:.1%}, overall TR "
-        f"{1 - sum(f['compressed_tokens'] for f in figures) / sum(f['raw_tokens'] for f in figures):.1%}"
+        f"{1 - sum(f['positions'] for f in figures) / sum(f['raw_tokens'] for f in figures):.1%}"
     )
 
 

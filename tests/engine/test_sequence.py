@@ -17,7 +17,7 @@ class FakeRequest:
         self._all_token_ids = list(token_ids)
         self.num_computed_tokens = num_computed_tokens
         self.block_hashes = [f"h{i}" for i in range(len(token_ids) // 4)]
-        self.umim = MergeState(dynamic=True, raw_prompt_tokens=0, prompt_tokens=0)
+        self.umim = MergeState(dynamic=True, raw_prompt_tokens=0, prompt_positions=0)
 
     def update_block_hashes(self):
         while (len(self.block_hashes) + 1) * 4 <= len(self._all_token_ids):
@@ -43,7 +43,7 @@ def test_merge_rolls_back_n_minus_1_and_drops_stale_block_hashes():
     assert request.num_computed_tokens == 5  # 6 and 7 rolled back; the surrogate is fed next
     assert request.block_hashes == ["h0"]  # the second block is no longer full
     assert (event.position, event.virtual_id, event.span_length) == (5, V, 3)
-    assert request.umim.decode_merges == 1 and request.umim.decode_tokens_saved == 2
+    assert request.umim.decode_merges == 1 and request.umim.decode_tokens_merged_away == 2
 
 
 def test_no_merge_across_a_merged_element_or_without_a_rule():

@@ -85,4 +85,4 @@ def test_tp2_equals_reference(tiny_model_dir, tokenizer, tmp_path):
     engine = json.loads(line[len("RESULT "):])
     assert engine["stats"]["prefill_merges"] > 0 and engine["stats"]["decode_merges"] > 0
     assert engine["tokens"] == expected.output_token_ids
-    assert engine["stats"]["compressed_tokens"] == len(expected.elements)
+    assert engine["stats"]["positions"] == len(expected.elements)

@@ -91,7 +91,7 @@ def test_concurrent_streams_with_aborts(umim_server, heldout_prompts, umim_llm, 
         if kind == "merged":
             assert token_ids == merged_reference[i % len(prompts)], f"client {i}"
             finished_merged += 1
-            saved += usage["umim"]["kv_tokens_saved"]
+            saved += usage["umim"]["tokens_merged_away"]
         else:
             assert token_ids == stock_reference[i % len(prompts)], f"client {i}"
             assert "umim" not in usage
@@ -102,4 +102,4 @@ def test_concurrent_streams_with_aborts(umim_server, heldout_prompts, umim_llm, 
     assert requests_in_flight(metrics) == 0, "requests still running after every client finished or left"
     assert kv_usage(metrics) == 0, f"KV blocks still in use: {kv_usage(metrics):.4f}"
     assert metrics["vllm_umim:merged_requests_total"] - before.get("vllm_umim:merged_requests_total", 0) == finished_merged
-    assert metrics["vllm_umim:kv_tokens_saved_total"] - before.get("vllm_umim:kv_tokens_saved_total", 0) == saved > 0
+    assert metrics["vllm_umim:tokens_merged_away_total"] - before.get("vllm_umim:tokens_merged_away_total", 0) == saved > 0

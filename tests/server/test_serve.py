@@ -41,9 +41,9 @@ def test_completion_usage_carries_merge_figures(umim_server):
     result = complete(umim_server)
     usage = result["usage"]
     figures = usage["umim"]
-    assert figures["merged_prompt_tokens"] < usage["prompt_tokens"]  # usage counts raw tokens, as stock
+    assert figures["prompt_positions"] < usage["prompt_tokens"]  # usage counts raw tokens, as stock
     assert figures["raw_tokens"] == usage["total_tokens"]
-    assert figures["kv_tokens_saved"] == figures["raw_tokens"] - figures["merged_tokens"] > 0
+    assert figures["tokens_merged_away"] == figures["raw_tokens"] - figures["positions"] > 0
     assert figures["prefill_merges"] > 0
 
 
@@ -62,14 +62,14 @@ def test_streamed_completion_final_usage_chunk(umim_server):
     text = "".join(choice["text"] for event in events for choice in event["choices"])
     assert text == complete(umim_server)["choices"][0]["text"]
     final = events[-1]
-    assert final["choices"] == [] and final["usage"]["umim"]["kv_tokens_saved"] > 0
+    assert final["choices"] == [] and final["usage"]["umim"]["tokens_merged_away"] > 0
     assert all("umim" not in (event.get("usage") or {}) for event in events[:-1])
 
 
 def test_chat_completions_carry_merge_figures(umim_server):
     body = {"model": umim_server.model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 24, "temperature": 0}
     response = httpx.post(umim_server.url + "/v1/chat/completions", json=body, timeout=120).json()
-    assert response["usage"]["umim"]["merged_prompt_tokens"] < response["usage"]["prompt_tokens"]
+    assert response["usage"]["umim"]["prompt_positions"] < response["usage"]["prompt_tokens"]
     events = stream_events(umim_server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
     text = "".join(choice["delta"].get("content") or "" for event in events for choice in event["choices"])
     assert text == response["choices"][0]["message"]["content"]
@@ -82,7 +82,7 @@ def test_metrics_count_merges(umim_server):
     after = umim_server.metrics()
     delta = lambda name: after[f"vllm_umim:{name}_total"] - before.get(f"vllm_umim:{name}_total", 0)  # noqa: E731
     assert delta("merged_requests") == 1
-    assert delta("kv_tokens_saved") == figures["kv_tokens_saved"]
+    assert delta("tokens_merged_away") == figures["tokens_merged_away"]
     assert delta("prefill_merges") == figures["prefill_merges"]
     assert any(name.startswith("vllm:kv_cache_usage_perc") for name in after)  # vLLM's own, beside ours
 
@@ -99,7 +99,7 @@ def test_n_samples_sum_their_merge_figures(umim_server):
             usage = complete(umim_server, **body)["usage"]
         figures = usage["umim"]
         assert figures["raw_tokens"] == 2 * usage["prompt_tokens"] + usage["completion_tokens"], stream
-        assert figures["merged_prompt_tokens"] == 2 * single["umim"]["merged_prompt_tokens"], stream
+        assert figures["prompt_positions"] == 2 * single["umim"]["prompt_positions"], stream
         assert figures["prefill_merges"] == 2 * single["umim"]["prefill_merges"], stream
 
 
@@ -110,7 +110,7 @@ def test_responses_api_carries_merge_figures(umim_server):
     usage = response.json()["usage"]
     figures = usage["umim"]
     assert figures["raw_tokens"] == usage["input_tokens"] + usage["output_tokens"]
-    assert figures["merged_prompt_tokens"] < usage["input_tokens"] and figures["kv_tokens_saved"] > 0
+    assert figures["prompt_positions"] < usage["input_tokens"] and figures["tokens_merged_away"] > 0
     events = stream_events(umim_server, "/v1/responses", body)
     completed = [event for event in events if event.get("type") == "response.completed"]
     assert len(completed) == 1 and completed[0]["response"]["usage"]["umim"] == figures

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from vllm_umim.server.usage import OutputTap, add_to_usage, add_to_usage_chunk, stream_with_usage, usage_figures
 
-STATS = dict(raw_tokens=40, compressed_tokens=30, raw_prompt_tokens=20, compressed_prompt_tokens=14, prefill_merges=5,
-             decode_merges=3, kv_tokens_saved=10, kv_blocks_saved=1)
+STATS = dict(raw_tokens=40, positions=30, raw_prompt_tokens=20, prompt_positions=14, prefill_merges=5,
+             decode_merges=3, tokens_merged_away=10, kv_blocks_saved=1)
 
 
 def output(stats=None, finished=True):
@@ -16,9 +16,9 @@ def output(stats=None, finished=True):
 
 def test_figures_are_summed_over_prompts():
     figures = usage_figures([output(STATS), output(STATS), output(None)])
-    assert figures["merged_prompt_tokens"] == 28
-    assert figures["merged_output_tokens"] == 32
-    assert figures["kv_tokens_saved"] == 20 and figures["decode_merges"] == 6
+    assert figures["prompt_positions"] == 28
+    assert figures["output_positions"] == 32
+    assert figures["tokens_merged_away"] == 20 and figures["decode_merges"] == 6
 
 
 def test_unmerged_requests_keep_stock_usage():
@@ -48,7 +48,7 @@ def test_only_the_final_usage_chunk_changes():
     content, final, done = asyncio.run(run())
     assert "umim" not in content and done == "data: [DONE]\n\n"
     usage = json.loads(final[len("data: "):])["usage"]
-    assert usage["prompt_tokens"] == 20 and usage["umim"]["kv_tokens_saved"] == 10
+    assert usage["prompt_tokens"] == 20 and usage["umim"]["tokens_merged_away"] == 10
 
 
 def test_non_usage_events_pass_through():
@@ -56,3 +56,12 @@ def test_non_usage_events_pass_through():
     tap.finished.append(output(STATS))
     for event in ('data: {"error": "x"}\n\n', "data: [DONE]\n\n", 'data: {"choices":[{"text":"usage"}]}\n\n'):
         assert add_to_usage_chunk(event, tap) == event
+
+
+def test_deprecated_names_carry_the_same_figures():
+    from vllm_umim.server.usage import DEPRECATED_ALIASES
+
+    figures = usage_figures([output(STATS)])
+    assert figures["merged_tokens"] == figures["positions"] == 30
+    assert figures["kv_tokens_saved"] == figures["tokens_merged_away"] == 10
+    assert all(figures[old] == figures[new] for old, new in DEPRECATED_ALIASES.items())

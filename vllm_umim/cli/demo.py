@@ -51,8 +51,8 @@ def run_demo(num_prompts: int = 3, max_tokens: int = 40) -> None:
         stats = merge_stats(output)
         print(bracketed(view.elements, tokenizer))
         print(
-            f"-- {stats['raw_tokens']} tokens in {stats['compressed_tokens']} positions "
-            f"(TR {100 * (1 - stats['compressed_tokens'] / stats['raw_tokens']):.1f} %, "
+            f"-- {stats['raw_tokens']} tokens in {stats['positions']} positions "
+            f"(TR {100 * stats['tokens_merged_away'] / stats['raw_tokens']:.1f} %, "
             f"{stats['prefill_merges']} prefill + {stats['decode_merges']} decode merges); "
             f"engine == reference: {tokens == expected.output_token_ids}\n"
         )

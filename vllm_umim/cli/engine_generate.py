@@ -22,6 +22,6 @@ def engine_generate(args, tokenizer, prompt_ids) -> Generation:
     output = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
     result = replay_merges(prompt_ids, list(output.outputs[0].token_ids), GreedyLongestMatch(load_rules(args.rules)), args.dynamic)
     stats = merge_stats(output)
-    if stats and stats["compressed_tokens"] != len(result.elements):
-        print(f"warning: engine reports {stats['compressed_tokens']} positions, replay gives {len(result.elements)}")
+    if stats and stats["positions"] != len(result.elements):
+        print(f"warning: engine reports {stats['positions']} positions, replay gives {len(result.elements)}")
     return result

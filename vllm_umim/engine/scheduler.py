@@ -81,7 +81,7 @@ class UmimScheduler(Scheduler):
     def _compress_prompt(self, request: Request, dynamic: bool) -> None:
         raw_prompt = request.prompt_token_ids
         compressed, merges = compress_tokens(raw_prompt, self.umim_policy, self.virtual_base)
-        request.umim = MergeState(dynamic, len(raw_prompt), len(compressed), prefill_merges=merges)
+        request.umim = MergeState(dynamic, len(raw_prompt), prompt_positions=len(compressed), prefill_merges=merges)
         request.prompt_token_ids = compressed
         request.num_prompt_tokens = len(compressed)
         request._all_token_ids[:] = compressed  # in place: request.all_token_ids is a view of it

@@ -26,23 +26,24 @@ class MergeState:
 
     dynamic: bool
     raw_prompt_tokens: int
-    prompt_tokens: int  # compressed
-    prefill_merges: int = 0
-    decode_merges: int = 0
-    decode_tokens_saved: int = 0
+    prompt_positions: int
+    prefill_merges: int = 0  # spans merged in the prompt
+    decode_merges: int = 0  # spans merged while decoding
+    decode_tokens_merged_away: int = 0
 
-    def stats(self, num_output_tokens: int, compressed_tokens: int, block_size: int) -> dict:
+    def stats(self, num_output_tokens: int, positions: int, block_size: int) -> dict:
+        """The request's figures (vocabulary in ``vllm_umim.engine.stats``)."""
         raw = self.raw_prompt_tokens + num_output_tokens
         blocks = lambda n: -(-n // block_size)  # noqa: E731
         return {
             "raw_tokens": raw,
-            "compressed_tokens": compressed_tokens,
+            "positions": positions,
             "raw_prompt_tokens": self.raw_prompt_tokens,
-            "compressed_prompt_tokens": self.prompt_tokens,
+            "prompt_positions": self.prompt_positions,
             "prefill_merges": self.prefill_merges,
             "decode_merges": self.decode_merges,
-            "kv_tokens_saved": raw - compressed_tokens,
-            "kv_blocks_saved": blocks(raw) - blocks(compressed_tokens),
+            "tokens_merged_away": raw - positions,
+            "kv_blocks_saved": blocks(raw) - blocks(positions),
         }
 
 
@@ -95,5 +96,5 @@ def merge_newest(request, policy: MergePolicy, virtual_base: int, hash_block_siz
     request.update_block_hashes()
     state: MergeState = request.umim
     state.decode_merges += 1
-    state.decode_tokens_saved += n - 1
+    state.decode_tokens_merged_away += n - 1
     return MergeEvent(request.request_id, len(token_ids) - 1, virtual_base + rule_id, n)

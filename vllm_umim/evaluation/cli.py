@@ -60,9 +60,8 @@ def run_eval(args) -> dict:
     import time
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from vllm_umim.module.file_format import model_identity
+    from vllm_umim.module.frozen_model import load_frozen_model
     from vllm_umim.rules import load_rules
     from vllm_umim.rules.ruleset import tokenizer_fingerprint
     from vllm_umim.evaluation.suite import evaluate_windows
@@ -72,12 +71,8 @@ def run_eval(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    rules = load_rules(args.rules)
-    rules.check_tokenizer(tok)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    frozen = load_frozen_model(args.model, args.rules)
+    model, tok, rules = frozen.model, frozen.tokenizer, frozen.rules
     identity = model_identity(model.config)
     modules, module_meta = _load_modules(args, model.config.hidden_size, identity, tokenizer_fingerprint(tok))
     progress = not args.no_progress

@@ -57,7 +57,7 @@ def evaluate_windows(model, modules: dict, rules, windows: list[list[int]], ppl:
     out = {
         "windows": len(windows),
         "raw_tokens": raw,
-        "merged_positions": merged,
+        "positions": merged,
         "tr": 1.0 - merged / raw if raw else 0.0,
         "base_ppl": perplexity(base_nll, count) if ppl else None,
         "scored_tokens": count,

@@ -30,4 +30,4 @@ def corpus_token_reduction(rules, tokenizer, corpus: str | Path, max_documents: 
         ids = tokenizer(docs[i : i + 256], add_special_tokens=False)["input_ids"]
         r, m = count_elements(rules, [x for x in ids if x])
         raw, merged = raw + r, merged + m
-    return {"documents": len(docs), "raw_tokens": raw, "merged_positions": merged, "tr": 1.0 - merged / raw if raw else 0.0}
+    return {"documents": len(docs), "raw_tokens": raw, "positions": merged, "tr": 1.0 - merged / raw if raw else 0.0}

@@ -18,6 +18,7 @@ import vllm_umim._C  # noqa: F401  (registers torch.ops.umim.*)
 MAX_N = 4  # longest rule: the paper merges 2-, 3- and 4-grams
 SINGLE = -1  # find_spans: the position stays a single token
 COVERED = -2  # find_spans: the position is inside a span that starts earlier
+NO_MATCH = -1  # match_suffix: the newest tokens end no rule
 
 
 def pack_rules(rules: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -72,7 +73,7 @@ def match_suffix(
     tails: int64 [B, 4], the last 4 elements of each compressed sequence, newest in column 3.
     num_raw: int32 [B], how many trailing elements are plain tokens (capped at 4 by the caller).
     Returns int32 [B]: the rule id of the longest n <= min(max_n, num_raw) whose last n tokens
-    form a rule (merge them now), or -1.
+    form a rule (merge them now), or NO_MATCH (-1).
     """
     _check_rule_table(rules, index, max_n)
     _check_tensor("tails", tails, torch.int64, (None, MAX_N), rules.device)
@@ -137,10 +138,10 @@ def match_suffix_reference(
     z_merged: list[int | tuple[int, ...]], rule_ids: dict[tuple[int, ...], int], max_n: int = MAX_N
 ) -> int:
     """Pseudocode 4's check after a new token: z_merged holds plain tokens (int) and merged
-    spans (tuple); returns the id of the rule to merge now, or -1."""
+    spans (tuple); returns the id of the rule to merge now, or NO_MATCH."""
     for n in range(max_n, 1, -1):
         if len(z_merged) >= n:
             span = tuple(z_merged[-n:])
             if span in rule_ids:
                 return rule_ids[span]
-    return -1
+    return NO_MATCH

@@ -11,6 +11,7 @@ the pseudocode.
 
 from __future__ import annotations
 
+from vllm_umim.ops.matcher import NO_MATCH
 from vllm_umim.policies.base import NO_MERGE, MergePolicy, Segmentation
 
 
@@ -23,4 +24,4 @@ class GreedyLongestMatch(MergePolicy):
 
     def decode_rule(self, newest_plain_tokens: list[int]) -> int:
         rule_id = self.rules.match_suffix(newest_plain_tokens)
-        return rule_id if rule_id >= 0 else NO_MERGE
+        return NO_MERGE if rule_id == NO_MATCH else rule_id

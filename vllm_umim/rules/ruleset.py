@@ -105,24 +105,28 @@ class RuleSet:
 
     # ---- matching (native ops; Python references live in vllm_umim.ops) ------------------------
     def find_spans(self, sequences: list[list[int]]) -> list[list[int]]:
-        """Prefill segmentation of each sequence (pseudocode 3): per position, rule id / -1 / -2."""
+        """Prefill segmentation of each sequence (pseudocode 3): per position, the rule id where a
+        span starts, SINGLE (-1) or COVERED (-2) (``vllm_umim.ops.matcher``)."""
         from vllm_umim.ops import find_spans
+        from vllm_umim.ops.matcher import SINGLE
 
         lengths = [len(s) for s in sequences]
         flat = torch.tensor([t for s in sequences for t in s], dtype=torch.int64)
         cu = torch.tensor([0] + list(np.cumsum(lengths)), dtype=torch.int64)
         if len(self) == 0:
-            out = torch.full_like(flat, -1, dtype=torch.int32)
+            out = torch.full_like(flat, SINGLE, dtype=torch.int32)
         else:
             out = find_spans(flat, cu, self.padded, self.index, max_n=self.max_n)
         return [out[cu[b] : cu[b + 1]].tolist() for b in range(len(sequences))]
 
     def match_suffix(self, tail: list[int]) -> int:
-        """Decode check (pseudocode 4): rule id of the longest rule ending ``tail`` (raw tokens), or -1."""
+        """Decode check (pseudocode 4): rule id of the longest rule ending ``tail`` (raw tokens), or
+        NO_MATCH (-1)."""
         from vllm_umim.ops import match_suffix
+        from vllm_umim.ops.matcher import NO_MATCH
 
         if len(self) == 0 or len(tail) < 2:
-            return -1
+            return NO_MATCH
         tail = tail[-MAX_SPAN:]
         row = [0] * (MAX_SPAN - len(tail)) + list(tail)
         result = match_suffix(

@@ -7,7 +7,7 @@ figures (``RequestOutput.kv_transfer_params["umim"]``) by the ``AsyncLLM.generat
 ``vllm_umim.server.patches``, so every API (completions, chat, responses) counts. The ``vllm_umim:``
 prefix keeps them clear of vLLM's ``unregister_vllm_metrics`` (which drops ``vllm:*``).
 
-Token reduction over a window: ``1 - rate(merged_tokens) / rate(raw_tokens)``.
+Token reduction over a window: ``rate(tokens_merged_away) / rate(raw_tokens)``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ COUNTERS = {
     "vllm_umim:prefill_merges": ("Rule n-grams merged in prompts", "prefill_merges"),
     "vllm_umim:decode_merges": ("Rule n-grams merged while decoding", "decode_merges"),
     "vllm_umim:raw_tokens": ("Raw prompt + output tokens of merged requests", "raw_tokens"),
-    "vllm_umim:merged_tokens": ("KV positions of merged requests after merging", "compressed_tokens"),
-    "vllm_umim:kv_tokens_saved": ("KV cache tokens saved by merging (raw - merged positions)", "kv_tokens_saved"),
+    "vllm_umim:positions": ("Positions (KV slots) of merged requests after merging", "positions"),
+    "vllm_umim:tokens_merged_away": ("Raw tokens - positions: KV cache tokens saved by merging", "tokens_merged_away"),
     "vllm_umim:kv_blocks_saved": ("KV cache blocks saved by merging, at each request's end", "kv_blocks_saved"),
+    # deprecated names of the two above (to be dropped in 0.2)
+    "vllm_umim:merged_tokens": ("Deprecated: vllm_umim:positions", "positions"),
+    "vllm_umim:kv_tokens_saved": ("Deprecated: vllm_umim:tokens_merged_away", "tokens_merged_away"),
 }
 
 _counters: dict | None = None

@@ -26,6 +26,13 @@ from collections.abc import AsyncIterator, Iterable
 from vllm_umim.engine.stats import merge_stats
 
 USAGE_KEY = "umim"
+# Names before the one vocabulary of vllm_umim.engine.stats; still sent, to be dropped in 0.2.
+DEPRECATED_ALIASES = {
+    "merged_tokens": "positions",
+    "merged_prompt_tokens": "prompt_positions",
+    "merged_output_tokens": "output_positions",
+    "kv_tokens_saved": "tokens_merged_away",
+}
 
 
 def usage_figures(outputs: Iterable) -> dict | None:
@@ -35,16 +42,17 @@ def usage_figures(outputs: Iterable) -> dict | None:
     if not stats:
         return None
     total = lambda key: sum(s[key] for s in stats)  # noqa: E731
-    return {
+    figures = {
         "raw_tokens": total("raw_tokens"),
-        "merged_tokens": total("compressed_tokens"),
-        "merged_prompt_tokens": total("compressed_prompt_tokens"),
-        "merged_output_tokens": total("compressed_tokens") - total("compressed_prompt_tokens"),
+        "positions": total("positions"),
+        "prompt_positions": total("prompt_positions"),
+        "output_positions": total("positions") - total("prompt_positions"),
         "prefill_merges": total("prefill_merges"),
         "decode_merges": total("decode_merges"),
-        "kv_tokens_saved": total("kv_tokens_saved"),
+        "tokens_merged_away": total("tokens_merged_away"),
         "kv_blocks_saved": total("kv_blocks_saved"),
     }
+    return {**figures, **{old: figures[new] for old, new in DEPRECATED_ALIASES.items()}}
 
 
 def add_to_usage(usage, outputs: Iterable) -> None:

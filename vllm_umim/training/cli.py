@@ -52,9 +52,7 @@ def run_train(args) -> dict:
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vllm_umim.rules import load_rules
+    from vllm_umim.module.frozen_model import load_frozen_model
     from vllm_umim.rules.ruleset import tokenizer_fingerprint
     from vllm_umim.module.batches import corpus_windows
     from vllm_umim.training.teacher_cache import build_cache
@@ -68,10 +66,8 @@ def run_train(args) -> dict:
         torch.distributed.init_process_group("gloo")
     run_dir = args.run_dir or args.output.with_name(args.output.name + ".run")
     cache_dir = args.cache_dir or run_dir / "teacher"
-    tok = AutoTokenizer.from_pretrained(args.model)
-    rules = load_rules(args.rules)
-    rules.check_tokenizer(tok)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    frozen = load_frozen_model(args.model, args.rules)
+    model, tok, rules = frozen.model, frozen.tokenizer, frozen.rules
     cache_tokens = args.cache_tokens or args.max_tokens
     if rank == 0:
         train_w, val_w = corpus_windows(args.corpus, tok, args.seq_len, cache_tokens, args.val_windows, args.seed)

@@ -179,10 +179,8 @@ def main(argv=None) -> None:
     """``python -m vllm_umim.training.teacher_cache``: build (or resume) the teacher cache alone."""
     import argparse
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from vllm_umim.rules import load_rules
     from vllm_umim.module.batches import corpus_windows
+    from vllm_umim.module.frozen_model import load_frozen_model
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--model", required=True)
@@ -198,11 +196,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    rules = load_rules(args.rules)
-    rules.check_tokenizer(tok)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    train, val = corpus_windows(args.corpus, tok, args.seq_len, args.max_tokens, args.val_windows)
+    frozen = load_frozen_model(args.model, args.rules)
+    model, rules = frozen.model, frozen.rules
+    train, val = corpus_windows(args.corpus, frozen.tokenizer, args.seq_len, args.max_tokens, args.val_windows)
     cache_dir = Path(args.cache_dir)
     meta = {"corpus": str(args.corpus), "model": str(args.model)}
     build_cache(model, rules, val, cache_dir / "val", k=args.k, batch_size=args.batch_size, manifest=meta)
