@@ -88,7 +88,8 @@ def markdown_table(report: dict) -> str:
 
 
 def engine_arguments(report: dict) -> str:
-    changed = {k: v for k, v in report["engine_kwargs"].items() if k not in ("model", "additional_config")}
+    changed = {k: v for k, v in report["engine_kwargs"].items()
+               if k not in ("model", "additional_config") and v not in (None, "")}  # CLI-only defaults that change nothing
     return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "nothing"
 
 

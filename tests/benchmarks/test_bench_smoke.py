@@ -43,6 +43,10 @@ def test_tiny_kv_bound_run(tmp_path):
     for run in scenario["runs"]["stock"] + scenario["runs"]["umim"]:
         assert run["num_requests"] == 3 and run["output_tokens"] == 3 * 8
     assert scenario["runs"]["umim"][0]["merged_requests"] == 3 and scenario["runs"]["stock"][0]["merged_requests"] == 0
+    stock, umim = scenario["runs"]["stock"][0], scenario["runs"]["umim"][0]
+    assert stock["prompt_tokens"] == umim["prompt_tokens"] and stock["output_tokens"] == umim["output_tokens"]
+    assert scenario["tokens_per_s_ratio"]["median"] == pytest.approx(umim["tokens_per_s"] / stock["tokens_per_s"])
+    assert scenario["token_reduction"] == pytest.approx(umim["tokens_merged_away"] / umim["raw_tokens"]) and scenario["token_reduction"] > 0
     assert (tmp_path / "throughput.png").stat().st_size > 0
     table = (tmp_path / "throughput.md").read_text()
     assert "| decode-heavy |" in table and "dtype=float32, enforce_eager=True" in table

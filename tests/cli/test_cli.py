@@ -1,5 +1,6 @@
 """The vllm-umim commands end to end on the real tokenizer and model (slow)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,16 @@ def test_inspect_refuses_a_damaged_file(tmp_path):
 
 
 def test_generate_reference_brackets_merged_spans(model_dir):
+    prompt = "The United States of America is one of the largest countries in the world."
     out = vllm_umim(
-        "generate", "--model", model_dir, "--rules", RULES, "--module", "mean",
-        "--prompt", "The United States of America is one of the largest countries in the world.",
-        "--max-tokens", "12", "--dynamic",
+        "generate", "--model", model_dir, "--rules", RULES, "--module", "mean", "--prompt", prompt, "--max-tokens", "12", "--dynamic",
     ).stdout
-    assert "[" in out and "]" in out and "token reduction" in out and "prefill merges" in out
+    text, _, summary = out.rpartition("\n-- reference: ")
+    figures = re.match(r"(\d+) raw tokens -> (\d+) positions \(token reduction ([\d.]+) %; prefill merges (\d+), decode merges (\d+)\)", summary)
+    raw, positions, tr, prefill, decode = int(figures[1]), int(figures[2]), float(figures[3]), int(figures[4]), int(figures[5])
+    # the bracketed spans re-join to exactly the prompt followed by the generated text
+    assert text.replace("[", "").replace("]", "").startswith(prompt)
+    # one bracket pair per merge, and the reported TR is what the counts say
+    assert text.count("[") == text.count("]") == prefill + decode and prefill > 0
+    assert tr == pytest.approx(100 * (1 - positions / raw), abs=0.05)
+    assert raw - positions >= prefill + decode  # every merge removes at least one position

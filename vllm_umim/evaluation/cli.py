@@ -56,26 +56,40 @@ def _load_modules(args, hidden, identity, tok_fp):
 
 
 def run_eval(args) -> dict:
-    import json
+    """``vllm-umim eval``: held-out alignment metrics and two-stage PPL (App. C, pseudocode 5),
+    then, when asked, the rule-set trade-off and QA (App. F.2). The JSON is rewritten after each
+    stage, so a long run that is stopped keeps what it measured."""
     import time
 
     import torch
-    from vllm_umim.module.file_format import model_identity
+
     from vllm_umim.module.frozen_model import load_frozen_model
-    from vllm_umim.rules import load_rules
-    from vllm_umim.rules.ruleset import tokenizer_fingerprint
-    from vllm_umim.evaluation.suite import evaluate_windows
-    from vllm_umim.evaluation.token_reduction import corpus_token_reduction
-    from vllm_umim.module.batches import corpus_windows
 
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     frozen = load_frozen_model(args.model, args.rules)
+    modules, windows, result = heldout_stage(args, frozen)
+    if args.compare_rules:
+        rules_tradeoff_stage(args, frozen, modules, windows[: args.compare_windows], result)
+    if args.qa:
+        qa_stage(args, frozen, modules, result)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    _dump(args, result)
+    return result
+
+
+def heldout_stage(args, frozen) -> tuple[dict, list, dict]:
+    """Modules, corpus TR and the held-out window metrics: (modules, windows, result so far)."""
+    from vllm_umim.evaluation.suite import evaluate_windows
+    from vllm_umim.evaluation.token_reduction import corpus_token_reduction
+    from vllm_umim.module.batches import corpus_windows
+    from vllm_umim.module.file_format import model_identity
+    from vllm_umim.rules.ruleset import tokenizer_fingerprint
+
     model, tok, rules = frozen.model, frozen.tokenizer, frozen.rules
     identity = model_identity(model.config)
     modules, module_meta = _load_modules(args, model.config.hidden_size, identity, tokenizer_fingerprint(tok))
-    progress = not args.no_progress
     windows, _ = corpus_windows(args.corpus, tok, args.seq_len, args.windows * args.seq_len, 0, args.seed)
     result = {
         "model": identity,
@@ -86,39 +100,49 @@ def run_eval(args) -> dict:
         "paper_table1": PAPER_TABLE1,
     }
     print(f"corpus TR {100 * result['corpus_tr']['tr']:.2f} % over {result['corpus_tr']['documents']} documents", flush=True)
-    result["heldout"] = evaluate_windows(model, modules, rules, windows, ppl=not args.no_ppl, progress=progress)
+    result["heldout"] = evaluate_windows(model, modules, rules, windows, ppl=not args.no_ppl, progress=not args.no_progress)
     _dump(args, result)
     print_table(result)
-    if args.compare_rules:
-        result["tradeoff"] = []
-        cw = windows[: args.compare_windows]
-        for path in [args.rules, *args.compare_rules]:
-            r = load_rules(path)
-            r.check_tokenizer(tok)
-            mods = {"mean": modules["mean"]}
-            if path == args.rules:
-                mods.update({k: v for k, v in modules.items() if k != "mean"})
-            ev = evaluate_windows(model, mods, r, cw, ppl=False, progress=progress)
-            row = {"rules": str(path), "count": len(r), "threshold": r.threshold,
-                   "filtered": bool(r.meta.get("filter_overlaps", r.meta.get("filtered", None))),
-                   "tr_windows": ev["tr"], "corpus_tr": corpus_token_reduction(r, tok, args.corpus, args.tr_documents)["tr"],
-                   "top1": {k: v["top1"] for k, v in ev["modules"].items()}, "mrr": {k: v["mrr"] for k, v in ev["modules"].items()},
-                   "meta": {k: v for k, v in r.meta.items() if isinstance(v, (int, float, str, bool))}}
-            result["tradeoff"].append(row)
-            print(json.dumps(row), flush=True)
-            _dump(args, result)
-    if args.qa:
-        from vllm_umim.evaluation.qa import evaluate_qa
+    return modules, windows, result
 
-        result["qa_limit_per_task"] = args.limit
-        result["qa"] = evaluate_qa(model, tok, rules, modules, args.tasks.split(","), args.limit, progress,
-                                   on_task=lambda partial: (result.update(qa=partial), _dump(args, result)))
-        for task, r in result["qa"].items():
-            accs = "  ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
-            print(f"{task:14s} n={r['n']:4d}  TR {100 * r['tr']:.1f} %  {accs}", flush=True)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    _dump(args, result)
-    return result
+
+def rules_tradeoff_stage(args, frozen, modules, windows, result) -> None:
+    """Top-1 / MRR / TR of the same modules under other rule sets (``--compare-rules``)."""
+    import json
+
+    from vllm_umim.evaluation.suite import evaluate_windows
+    from vllm_umim.evaluation.token_reduction import corpus_token_reduction
+    from vllm_umim.rules import load_rules
+
+    model, tok = frozen.model, frozen.tokenizer
+    result["tradeoff"] = []
+    for path in [args.rules, *args.compare_rules]:
+        r = load_rules(path)
+        r.check_tokenizer(tok)
+        mods = {"mean": modules["mean"]}
+        if path == args.rules:
+            mods.update({k: v for k, v in modules.items() if k != "mean"})
+        ev = evaluate_windows(model, mods, r, windows, ppl=False, progress=not args.no_progress)
+        row = {"rules": str(path), "count": len(r), "threshold": r.threshold,
+               "filtered": bool(r.meta.get("filter_overlaps", r.meta.get("filtered", None))),
+               "tr_windows": ev["tr"], "corpus_tr": corpus_token_reduction(r, tok, args.corpus, args.tr_documents)["tr"],
+               "top1": {k: v["top1"] for k, v in ev["modules"].items()}, "mrr": {k: v["mrr"] for k, v in ev["modules"].items()},
+               "meta": {k: v for k, v in r.meta.items() if isinstance(v, (int, float, str, bool))}}
+        result["tradeoff"].append(row)
+        print(json.dumps(row), flush=True)
+        _dump(args, result)
+
+
+def qa_stage(args, frozen, modules, result) -> None:
+    """Downstream QA accuracy (App. F.2), base model beside each module."""
+    from vllm_umim.evaluation.qa import evaluate_qa
+
+    result["qa_limit_per_task"] = args.limit
+    result["qa"] = evaluate_qa(frozen.model, frozen.tokenizer, frozen.rules, modules, args.tasks.split(","), args.limit,
+                               not args.no_progress, on_task=lambda partial: (result.update(qa=partial), _dump(args, result)))
+    for task, r in result["qa"].items():
+        accs = "  ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
+        print(f"{task:14s} n={r['n']:4d}  TR {100 * r['tr']:.1f} %  {accs}", flush=True)
 
 
 def _dump(args, result) -> None:

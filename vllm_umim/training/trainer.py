@@ -210,56 +210,72 @@ class Trainer:
         return True
 
     def fit(self) -> dict:
-        cfg = self.cfg
-        bar = None
-        if cfg.progress and self.rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.max_tokens, initial=self.tokens_seen, unit="tok", desc="train", smoothing=0.05)
-        if self.step == 0 and self.rank == 0 and self.val is not None:
-            val = self.validate()
-            self.best_val, self.best_step = val, 0
-            self.save_snapshot(self.out / "best.safetensors")
-            self.log({"step": 0, "tokens": 0, "val_loss": val})
-        trainable = self.ddp or self.module
+        """Train until the token budget is spent or validation stops improving; returns the
+        training record. Each step: one batch, one optimizer step, then logging, validation and
+        checkpoints on their schedules."""
+        bar = self.progress_bar()
+        self.validate_start()
         started = time.perf_counter() - self.elapsed
         ema = None
-        while self.tokens_seen < cfg.max_tokens and not self.stopped_early:
-            indices = self.batch_indices(self.step)
-            batch, teacher = self.make_batch(self.train, indices)
-            loss = batch_loss(self.model, trainable, batch, teacher, cfg.target)
-            if not batch.merged_mask.any():  # keep DDP's reducer fed even without merged spans
-                loss = loss + 0.0 * sum(p.sum() for p in self.module.parameters())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
+        while self.tokens_seen < self.cfg.max_tokens and not self.stopped_early:
+            loss, grad_norm = self.train_step()
             self.elapsed = time.perf_counter() - started
-            value = float(loss.detach())
-            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
             if bar:
                 bar.update(self.tokens_per_step)
-                bar.set_postfix(loss=f"{value:.3f}", ema=f"{ema:.3f}", tokens=self.tokens_seen)
-            if self.step % cfg.log_every == 0:
-                self.log({
-                    "step": self.step, "tokens": self.tokens_seen, "loss": round(value, 5),
-                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tok_per_s": round(self.tokens_seen / max(self.elapsed, 1e-9), 1) if self.step else None,
-                    "elapsed": round(self.elapsed, 1),
-                })
-            last = self.tokens_seen >= cfg.max_tokens
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                self.evaluate_and_maybe_stop()
-            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last or self.stopped_early):
-                self.checkpoint()
+                bar.set_postfix(loss=f"{loss:.3f}", ema=f"{ema:.3f}", tokens=self.tokens_seen)
+            self.after_step(loss, grad_norm)
         if bar:
             bar.close()
         if self.cfg.checkpoint_every:
             self.checkpoint()
         return self.training_meta()
+
+    def progress_bar(self):
+        if not (self.cfg.progress and self.rank == 0):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_tokens, initial=self.tokens_seen, unit="tok", desc="train", smoothing=0.05)
+
+    def validate_start(self) -> None:
+        """Step 0 of a fresh run: validation loss of the starting module (mean pooling), kept as best."""
+        if self.step == 0 and self.rank == 0 and self.val is not None:
+            val = self.validate()
+            self.best_val, self.best_step = val, 0
+            self.save_snapshot(self.out / "best.safetensors")
+            self.log({"step": 0, "tokens": 0, "val_loss": val})
+
+    def train_step(self) -> tuple[float, torch.Tensor | None]:
+        """One batch of distillation (paper §3.3): loss, backward, clip, AdamW and LR schedule."""
+        batch, teacher = self.make_batch(self.train, self.batch_indices(self.step))
+        loss = batch_loss(self.model, self.ddp or self.module, batch, teacher, self.cfg.target)
+        if not batch.merged_mask.any():  # keep DDP's reducer fed even without merged spans
+            loss = loss + 0.0 * sum(p.sum() for p in self.module.parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip) if self.cfg.grad_clip else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return float(loss.detach()), grad_norm
+
+    def after_step(self, loss: float, grad_norm) -> None:
+        """Logging, validation (with early stopping) and checkpoints, each on its schedule."""
+        cfg = self.cfg
+        if self.step % cfg.log_every == 0:
+            self.log({
+                "step": self.step, "tokens": self.tokens_seen, "loss": round(loss, 5),
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tok_per_s": round(self.tokens_seen / max(self.elapsed, 1e-9), 1),
+                "elapsed": round(self.elapsed, 1),
+            })
+        last = self.tokens_seen >= cfg.max_tokens
+        if cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+            self.evaluate_and_maybe_stop()
+        if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or last or self.stopped_early):
+            self.checkpoint()
 
     def evaluate_and_maybe_stop(self) -> None:
         stop = torch.zeros(1)
