@@ -1,6 +1,6 @@
 """vLLM's own ``vllm bench throughput`` with ``--umim-rules`` against the same command without it.
 
-    python benchmarks/vllm_bench_pair.py [--rounds 2] [--num-prompts 128] [--input-words 150] [--output-len 64]
+    python benchmarks/vllm_bench_pair.py [--rounds 2] [--num-prompts 128] [--input-words 120] [--output-len 64]
         [--output-dir benchmarks/results/vllm-bench] [-- extra vllm bench throughput args]
 
 Writes a ShareGPT-format file of natural text (held-out Wikipedia openings and GSM8K problems:
@@ -40,6 +40,8 @@ def write_sharegpt_file(path: Path, num_prompts: int, input_words: int) -> None:
                                   "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": rest}]})
         if len(conversations) == num_prompts:
             break
+    if len(conversations) < num_prompts:  # vLLM's sampler would repeat prompts (prefix-cache hits)
+        raise ValueError(f"only {len(conversations)} documents have >= {input_words + 20} words; ask for fewer prompts or words")
     path.write_text(json.dumps(conversations))
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--umim-rules", default=str(DEFAULT_RULES))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=128)
-    parser.add_argument("--input-words", type=int, default=150)
+    parser.add_argument("--input-words", type=int, default=120)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--output-dir", type=Path, default=HERE / "results" / "vllm-bench")
     parser.add_argument("extra", nargs="*", help="after --: more vllm bench throughput arguments, for both runs")
