@@ -7,7 +7,7 @@ import pytest
 import vllm
 
 from vllm_umim.engine.config import UmimConfig, check_vllm_config
-from vllm_umim.engine.patches import PATCHED, PINNED_VLLM, apply_patches, patched_signatures
+from vllm_umim.engine.patches import PATCHED, PINNED_VLLM, apply_patches, pin_violations
 from vllm_umim.errors import UmimError
 
 
@@ -17,10 +17,7 @@ def test_vllm_version_is_the_pinned_one():
 
 def test_patched_methods_keep_their_signatures():
     apply_patches()
-    signatures = patched_signatures(PATCHED)
-    for owner, name, expected, _ in PATCHED:
-        assert tuple(signatures[f"{owner.__name__}.{name}"]) == expected
-        assert hasattr(getattr(owner, name), "umim_original")
+    assert pin_violations(PATCHED) == []
 
 
 def test_patched_vllm_internals_exist():
@@ -100,3 +97,16 @@ def test_v1_model_runner_is_chosen_where_the_user_left_it_to_vllm(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     prefer_v1_model_runner()  # an explicit choice stays; check_vllm_config then refuses it
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
+
+
+def test_pin_check_fails_on_a_changed_or_unwrapped_method():
+    from vllm_umim.engine.patches import install_wrappers
+
+    class Owner:
+        def method(self, a):
+            return a
+
+    table = [(Owner, "method", ("self", "b"), lambda original: lambda self, *args: original(self, *args))]
+    assert pin_violations(table) == ["Owner.method is not wrapped", "Owner.method('self', 'a'): the wrapper relies on ('self', 'b')"]
+    install_wrappers(table)
+    assert pin_violations(table) == ["Owner.method('self', 'a'): the wrapper relies on ('self', 'b')"]

@@ -158,11 +158,15 @@ def apply_patches() -> None:
     install_wrappers(PATCHED)
 
 
-def patched_signatures(patched: list) -> dict[str, list[str]]:
-    """Current parameter names of each patched method (what the pin tests compare)."""
-    result = {}
-    for owner, name, *_ in patched:
+def pin_violations(patched: list) -> list[str]:
+    """What no longer holds for a table of wrapped methods (the pin tests assert it is empty): each
+    method is wrapped, and its parameters are still the ones the wrapper relies on."""
+    problems = []
+    for owner, name, expected, _ in patched:
         method = getattr(owner, name)
-        method = getattr(method, "umim_original", method)
-        result[f"{owner.__name__}.{name}"] = list(inspect.signature(method).parameters)
-    return result
+        if not hasattr(method, "umim_original"):
+            problems.append(f"{owner.__name__}.{name} is not wrapped")
+        parameters = tuple(inspect.signature(getattr(method, "umim_original", method)).parameters)
+        if parameters != expected:
+            problems.append(f"{owner.__name__}.{name}{parameters}: the wrapper relies on {expected}")
+    return problems
