@@ -34,10 +34,9 @@ def run_demo(num_prompts: int = 3, max_tokens: int = 40) -> None:
     documents = read_documents(fetch_corpus("wiki") / "heldout.txt")[:num_prompts]
     prompts = [tokenizer(d, add_special_tokens=False)["input_ids"][:40] for d in documents]
 
-    llm = LLM(
+    llm = LLM(  # vLLM's defaults (torch.compile) but fp32, to compare token for token with the fp32 reference
         model=str(model_dir),
         dtype="float32",
-        enforce_eager=True,
         max_model_len=1024,
         additional_config={"umim": {"rules": str(rules_path), "module": module}},
     )

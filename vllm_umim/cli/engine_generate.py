@@ -17,7 +17,8 @@ def engine_generate(args, tokenizer, prompt_ids) -> Generation:
     options = {"rules": str(args.rules), "mode": "dynamic" if args.dynamic else "prompt"}
     if args.module:
         options["module"] = args.module
-    llm = LLM(model=str(args.model), dtype="float32", enforce_eager=True, max_model_len=2048, additional_config={"umim": options})
+    # vLLM's defaults (torch.compile) in fp32, so the output can be compared with --engine reference
+    llm = LLM(model=str(args.model), dtype="float32", max_model_len=2048, additional_config={"umim": options})
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     output = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
     result = replay_merges(prompt_ids, list(output.outputs[0].token_ids), GreedyLongestMatch(load_rules(args.rules)), args.dynamic)
