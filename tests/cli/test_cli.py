@@ -59,3 +59,16 @@ def test_generate_reference_brackets_merged_spans(model_dir):
     assert text.count("[") == text.count("]") == prefill + decode and prefill > 0
     assert tr == pytest.approx(100 * (1 - positions / raw), abs=0.05)
     assert raw - positions >= prefill + decode  # every merge removes at least one position
+
+
+def test_generate_with_the_engine_prints_results_only_on_stdout(model_dir):
+    prompt = "The United States of America is one of the largest countries in the world."
+    result = vllm_umim(
+        "generate", "--model", model_dir, "--rules", RULES, "--module", "mean", "--prompt", prompt, "--max-tokens", "12",
+        "--dynamic", "--engine", "vllm",
+    )
+    text, _, summary = result.stdout.rpartition("\n-- vllm: ")
+    assert text.replace("[", "").replace("]", "").startswith(prompt), result.stdout[:2000]
+    assert "INFO" not in result.stdout and "WARNING" not in result.stdout
+    assert "INFO" in result.stderr  # vLLM's log went to stderr
+    assert re.match(r"\d+ raw tokens -> \d+ positions", summary)

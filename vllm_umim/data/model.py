@@ -11,12 +11,12 @@ same tokens as the GGUF-loaded model; ``manifest.json`` (written last) records t
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import torch
 
 from vllm_umim.data.cache import DataError, WheelFile, build_once, cache_root
+from vllm_umim.files import save_safetensors
 
 CHECK_PROMPT = "The capital of France is"
 CHECK_TOKENS = 16
@@ -78,8 +78,6 @@ def load_folder(folder: str | Path):
 
 def save_hf_folder(model, tokenizer, folder: Path) -> None:
     """Write weights, config, generation config and tokenizer of a loaded model to ``folder``."""
-    from safetensors.torch import save_file
-
     config = copy.deepcopy(model.config)
     for gguf_only in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, gguf_only):
@@ -93,8 +91,7 @@ def save_hf_folder(model, tokenizer, folder: Path) -> None:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {key: tensor.detach().to(torch.float32).contiguous() for key, tensor in state.items()}
-    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-    os.chmod(folder / "model.safetensors", 0o644)  # safetensors creates it owner-only
+    save_safetensors(state, folder / "model.safetensors", metadata={"format": "pt"})
 
     if not tokenizer.chat_template:
         raise DataError("the GGUF tokenizer has no chat template")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
 from vllm_umim.errors import MismatchError, ModuleFileError
+from vllm_umim.files import save_safetensors
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 
 FORMAT = "merge-module/1"
@@ -52,10 +53,7 @@ def save_module(
         "training": json.dumps(training or {}),
     }
     tensors = {name: t.detach().contiguous().cpu() for name, t in module.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_safetensors(tensors, path, metadata=metadata)
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from vllm_umim.files import save_safetensors
 
 METADATA_KEY = "umim_checkpoint"
 
@@ -36,9 +37,7 @@ def save_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.
             tensors[f"optimizer/{index}/{name}"] = torch.as_tensor(value).detach().contiguous()
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}  # lambdas are code
     meta = {"optimizer_param_groups": optim["param_groups"], "scheduler": scheduler_state, "trainer": trainer_state}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-    tmp.replace(path)
+    save_safetensors(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
 
 
 def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from vllm_umim.files import save_safetensors
 
 from vllm_umim.module.batches import collate, segment
 
@@ -75,7 +77,7 @@ def build_cache(
         n = min(len(old_windows), len(windows))
         if not torch.equal(old_windows[:n], torch.tensor(windows[:n], dtype=torch.int32)):
             raise ValueError(f"teacher cache {cache_dir} holds different windows")
-    save_file({"windows": torch.tensor(windows, dtype=torch.int32)}, str(cache_dir / "windows.safetensors"))
+    save_safetensors({"windows": torch.tensor(windows, dtype=torch.int32)}, cache_dir / "windows.safetensors")
     manifest_path.write_text(json.dumps(info, indent=2))
 
     model.eval()
@@ -113,9 +115,7 @@ def build_cache(
             "topk_logits": torch.cat(all_vals).contiguous(),
             "lse": torch.cat(all_lse).contiguous(),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"first_window": str(lo), "num_windows": str(hi - lo)})
-        tmp.replace(path)
+        save_safetensors(tensors, path, metadata={"first_window": str(lo), "num_windows": str(hi - lo)})
         elapsed = time.perf_counter() - started
         if progress:
             print(json.dumps({"shard": shard, "windows": hi, "tok_per_s": round(done_tokens / max(elapsed, 1e-9), 1)}), flush=True)
