@@ -86,13 +86,6 @@ def umim_llm(model_dir):
 
 
 @pytest.fixture(scope="session")
-def compiled_umim_llm(model_dir):
-    from vllm import LLM
-
-    return LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **COMPILED_ARGS)
-
-
-@pytest.fixture(scope="session")
 def default_umim_llm(model_dir):
     from vllm import LLM
 

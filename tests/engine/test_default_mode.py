@@ -20,6 +20,18 @@ MAX_TOKENS = 32
 TIE = 1e-3  # as in test_engine_matches_reference
 
 
+@pytest.fixture(scope="module")
+def compiled_umim_llm(model_dir):
+    """fp32 + torch.compile (only this module uses it; released at its end)."""
+    from vllm import LLM
+
+    from tests.engine.conftest import COMPILED_ARGS, RULES, module_for_tests
+
+    llm = LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **COMPILED_ARGS)
+    yield llm
+    release(llm)
+
+
 def compilation_on(llm) -> bool:
     from vllm.config import CompilationMode
 
@@ -87,7 +99,19 @@ def on_the_fly_llm(model_dir):
     from tests.engine.conftest import COMPILED_ARGS, RULES, module_for_tests
 
     umim = {"rules": str(RULES), "module": module_for_tests(), "table_budget_mib": 0}
-    return LLM(model=model_dir, additional_config={"umim": umim}, **COMPILED_ARGS)
+    llm = LLM(model=model_dir, additional_config={"umim": umim}, **COMPILED_ARGS)
+    yield llm
+    release(llm)
+
+
+def release(llm) -> None:
+    """Shut the engine's processes down now: the session's many engines share 24 GiB."""
+    import contextlib
+    import gc
+
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    gc.collect()
 
 
 def test_on_the_fly_surrogates_equal_the_table(on_the_fly_llm, compiled_umim_llm, reference_runtimes, heldout_prompts, tokenizer):
