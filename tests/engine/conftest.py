@@ -21,6 +21,7 @@ RULES = ARTIFACTS / "rules.bin"
 ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)  # fast and exact: most tests
 COMPILED_ARGS = dict(dtype="float32", max_model_len=1024, seed=0)  # torch.compile, fp32: compiled == eager
 DEFAULT_ENGINE_ARGS = dict(max_model_len=1024, seed=0)  # vLLM's defaults as users run them: bf16, torch.compile
+MAX_WINDOW = 16  # umim_llm serves per-request raw windows up to this
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,7 +83,8 @@ def stock_llm(model_dir):
 def umim_llm(model_dir):
     from vllm import LLM
 
-    return LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **ENGINE_ARGS)
+    options = {"rules": str(RULES), "module": module_for_tests(), "max_window": MAX_WINDOW}
+    return LLM(model=model_dir, additional_config={"umim": options}, **ENGINE_ARGS)
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +124,15 @@ def reference_runtimes(hf_model, rules):
 
     module, _ = resolve_module(module_for_tests(), hf_model.config.hidden_size, model_identity(hf_model.config), rules.tokenizer_fingerprint)
     return {mode: ReferenceRuntime(hf_model, rules, module, dynamic=mode == "dynamic") for mode in ("prompt", "dynamic")}
+
+
+@pytest.fixture(scope="session")
+def reference_for(reference_runtimes, hf_model, rules):
+    """``reference_for(settings)``: the reference runtime with the policy ``MergeSettings`` builds."""
+    from vllm_umim.reference import ReferenceRuntime
+
+    module = reference_runtimes["dynamic"].merge_module
+    return lambda settings: ReferenceRuntime(hf_model, rules, module, dynamic=settings.dynamic, policy=settings.build(rules))
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

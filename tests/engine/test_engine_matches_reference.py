@@ -71,6 +71,44 @@ def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, 
     )
 
 
+POLICY_PROMPTS = 20
+POLICIES = [  # (name, per-request settings): each policy of vllm_umim.policies, in the modes it changes
+    ("window-4-prompt", {"mode": "prompt", "window": 4}),
+    ("window-4", {"mode": "dynamic", "window": 4}),
+    ("window-16-prompt", {"mode": "prompt", "window": 16}),
+    ("window-16", {"mode": "dynamic", "window": 16}),
+    ("confidence-0.5", {"mode": "dynamic", "min_confidence": 0.5}),
+    ("window-4-confidence-0.3", {"mode": "dynamic", "window": 4, "min_confidence": 0.3}),
+]
+
+
+@pytest.mark.parametrize("name,options", POLICIES, ids=[name for name, _ in POLICIES])
+def test_engine_equals_reference_per_policy(umim_llm, reference_for, heldout_prompts, tokenizer, name, options):
+    """Each merge policy, chosen per request, decides in the engine exactly as in the reference:
+    same tokens, same merges (the window's rollback and recompute, the gate's probabilities)."""
+    from vllm_umim.policies import MergeSettings
+
+    prompts = heldout_prompts[:POLICY_PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": dict(options)})
+    outputs = umim_llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    runtime = reference_for(MergeSettings(**options))
+    references = [runtime.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in prompts]
+    exact, ties = compare(outputs, references, prompts)
+    assert exact >= POLICY_PROMPTS - 2
+    tied = {index for index, _, _ in ties}
+    merges = {"prefill": 0, "decode": 0}
+    for index, (output, reference) in enumerate(zip(outputs, references)):
+        if index in tied:
+            continue
+        stats = merge_stats(output)
+        assert (stats["positions"], stats["prefill_merges"], stats["decode_merges"]) == (
+            len(reference.elements), reference.prefill_merges, reference.decode_merges), index
+        merges["prefill"] += stats["prefill_merges"]
+        merges["decode"] += stats["decode_merges"]
+    print(f"{name}: {merges}")
+    assert merges["prefill"] > 0 and (merges["decode"] > 0) == (options["mode"] == "dynamic")
+
+
 def test_stock_vllm_equals_plain_hf(stock_llm, hf_model, heldout_prompts, tokenizer):
     """The baseline the tie rule rests on: without merging, vLLM and HF agree up to near-ties."""
     plain = ReferenceRuntime(hf_model, RuleSet("", 0, 0, {}, {}), None)

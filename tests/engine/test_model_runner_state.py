@@ -24,19 +24,27 @@ def request_state(prompt, outputs):
 def test_merges_shrink_num_tokens_and_keep_raw_outputs():
     state = request_state([1, V + 4, 2], [5, 6, 7])  # compressed prompt of 3, then 3 sampled tokens
     assert state.num_tokens == 6
-    state.apply_merge(position=4, virtual_id=V + 9, span_length=2)  # (6, 7) merged
+    state.apply_merge(start=4, ids=(V + 9,), span_length=2)  # (6, 7) merged
     assert state.num_tokens == 5 and state.output_token_ids == [5, 6, 7]
     assert state.compressed_tail() == [V + 9]
     state.output_token_ids += [8, 3]  # two more sampled
     assert state.compressed_tail() == [V + 9, 8, 3]
-    state.apply_merge(position=5, virtual_id=V + 1, span_length=2)  # (8, 3) merged
+    state.apply_merge(start=5, ids=(V + 1,), span_length=2)  # (8, 3) merged
     assert state.compressed_tail() == [V + 9, V + 1] and state.num_tokens == 6
 
 
 def test_merge_reaching_into_the_prompt():
     state = request_state([1, 2, 3], [4])
-    state.apply_merge(position=2, virtual_id=V, span_length=2)  # prompt's 3 + sampled 4
+    state.apply_merge(start=2, ids=(V,), span_length=2)  # prompt's 3 + sampled 4
     assert state.first_merge == 2 and state.compressed_tail() == [V] and state.num_tokens == 3
+
+
+def test_merge_behind_a_raw_window_moves_the_window_left():
+    state = request_state([1, 2], [3, 4, 5, 6])  # (3, 4) merges once 2 tokens (5, 6) are behind it
+    state.apply_merge(start=2, ids=(V + 7, 5, 6), span_length=2)
+    assert state.compressed_tail() == [V + 7, 5, 6] and state.num_tokens == 5
+    state.output_token_ids.append(8)
+    assert state.compressed_tail() == [V + 7, 5, 6, 8]
 
 
 def test_penalties_see_the_raw_prompt_tokens():

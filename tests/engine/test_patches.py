@@ -78,14 +78,25 @@ def test_options_are_checked():
         UmimConfig.from_dict({"rules": "r.bin", "mode": "always"})
 
 
-def test_request_choice_reads_vllm_xargs_coercion():
+def test_request_choice_reads_vllm_xargs_coercion_and_flat_options():
+    from vllm_umim.engine.config import UmimConfig
     from vllm_umim.engine.patches import request_choice
 
-    assert request_choice(0) is False and request_choice(1) is True  # JSON false/true via vllm_xargs
-    assert request_choice(False) is False and request_choice("prompt") == "prompt"
-    for bad in (2, "always", 0.5, None):
-        with pytest.raises(ValueError, match="must be true, false, 'prompt' or 'dynamic'"):
-            request_choice(bad)
+    config = UmimConfig.from_dict({"rules": "r.bin", "max_window": 16})
+    engine = {"mode": "dynamic", "window": 0, "min_confidence": 0.0}
+    assert request_choice({"umim": 0}, config) is False and request_choice({"umim": 1}, config) == engine  # JSON false/true
+    assert request_choice({"umim": False}, config) is False
+    assert request_choice({"umim": "prompt"}, config) == {**engine, "mode": "prompt"}
+    assert request_choice({"umim": {"window": 8}}, config) == {**engine, "window": 8}
+    flat = {"umim": "prompt", "umim_window": 4, "umim_min_confidence": 0.5}  # vllm_xargs cannot carry a dict
+    assert request_choice(flat, config) == {"mode": "prompt", "window": 4, "min_confidence": 0.5} and "umim_window" not in flat
+    assert request_choice({"umim_window": 2}, config) == {**engine, "window": 2}
+    assert request_choice({"umim": False, "umim_window": 2}, config) is False
+    for bad, message in [(2, "must be true, false"), ("always", "must be true, false"), (0.5, "must be true, false"),
+                         (None, "must be true, false"), ({"window": 32}, "above this engine's max_window 16"),
+                         ({"min_confidence": 1.5}, "min_confidence must be"), ({"windw": 1}, "unknown merge option")]:
+        with pytest.raises(ValueError, match=message):
+            request_choice({"umim": bad}, config)
 
 
 def test_v1_model_runner_is_chosen_where_the_user_left_it_to_vllm(monkeypatch):

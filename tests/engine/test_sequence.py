@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 from tests.conftest import make_ruleset
-from vllm_umim.engine.sequence import MergeState, compress_tokens, merge_newest, newest_plain_tokens
-from vllm_umim.policies import GreedyLongestMatch
+from vllm_umim.engine.sequence import MergeState, compress_tokens, merge_newest
+from vllm_umim.policies import GreedyLongestMatch, MergeSettings
 
 V = 100  # virtual ids start here
 
@@ -12,12 +12,12 @@ V = 100  # virtual ids start here
 class FakeRequest:
     """The parts of vllm.v1.request.Request that merge_newest touches."""
 
-    def __init__(self, token_ids, num_computed_tokens):
+    def __init__(self, token_ids, num_computed_tokens, policy):
         self.request_id = "r"
         self._all_token_ids = list(token_ids)
         self.num_computed_tokens = num_computed_tokens
         self.block_hashes = [f"h{i}" for i in range(len(token_ids) // 4)]
-        self.umim = MergeState(dynamic=True, raw_prompt_tokens=0, prompt_positions=0)
+        self.umim = MergeState(dynamic=True, policy=policy, raw_prompt_tokens=0, prompt_positions=0)
 
     def update_block_hashes(self):
         while (len(self.block_hashes) + 1) * 4 <= len(self._all_token_ids):
@@ -30,26 +30,45 @@ def test_compress_tokens_uses_virtual_ids():
     assert compressed == [9, V + 0, V + 1, 1] and merges == 2
 
 
-def test_newest_plain_tokens_stop_at_a_merged_element():
-    assert newest_plain_tokens([1, 2, V + 3, 4, 5], V, 4) == [4, 5]
-    assert newest_plain_tokens([1, 2, 3, 4, 5], V, 4) == [2, 3, 4, 5]
-
-
 def test_merge_rolls_back_n_minus_1_and_drops_stale_block_hashes():
     rules = make_ruleset([(6, 7, 8)])
-    request = FakeRequest([1, 2, 3, 4, 5, 6, 7, 8], num_computed_tokens=7)  # 8 is new, not computed
-    event = merge_newest(request, GreedyLongestMatch(rules), V, hash_block_size=4)
+    request = FakeRequest([1, 2, 3, 4, 5, 6, 7, 8], num_computed_tokens=7, policy=GreedyLongestMatch(rules))  # 8 is new
+    event = merge_newest(request, V, hash_block_size=4)
     assert request._all_token_ids == [1, 2, 3, 4, 5, V + 0]
     assert request.num_computed_tokens == 5  # 6 and 7 rolled back; the surrogate is fed next
     assert request.block_hashes == ["h0"]  # the second block is no longer full
-    assert (event.position, event.virtual_id, event.span_length) == (5, V, 3)
+    assert (event.start, event.ids, event.span_length) == (5, (V,), 3)
     assert request.umim.decode_merges == 1 and request.umim.decode_tokens_merged_away == 2
 
 
+def test_a_full_block_ending_at_the_surrogate_gets_a_new_hash():
+    # After the merge the sequence is exactly two blocks; the second one's last slot changed from
+    # raw token 8 to the surrogate, so its old hash (over raw tokens) must not survive.
+    rules = make_ruleset([(8, 9)])
+    request = FakeRequest([1, 2, 3, 4, 5, 6, 7, 8, 9], num_computed_tokens=8, policy=GreedyLongestMatch(rules))
+    merge_newest(request, V, hash_block_size=4)
+    assert request._all_token_ids == [1, 2, 3, 4, 5, 6, 7, V + 0]
+    assert request.block_hashes == ["h0", "new1"]
+
+
+def test_raw_window_merges_behind_it_and_rolls_back_to_the_span_start():
+    rules = make_ruleset([(3, 4)])
+    policy = MergeSettings(window=2).build(rules)
+    request = FakeRequest([1, 2, 3, 4, 5], num_computed_tokens=4, policy=policy)  # frontier: 4 (5 in window)
+    assert merge_newest(request, V, 4) is None  # (3, 4) ends 1 token behind the newest: inside W=2
+    request._all_token_ids.append(6)
+    request.num_computed_tokens = 5
+    event = merge_newest(request, V, hash_block_size=4)
+    assert request._all_token_ids == [1, 2, V + 0, 5, 6]  # the window (5, 6) moved left
+    assert request.num_computed_tokens == 2  # surrogate, 5 and 6 are computed in the next step
+    assert (event.start, event.ids, event.span_length) == (2, (V, 5, 6), 2)
+    assert request.block_hashes == ["new0"]  # the first block changed: hashed again
+
+
 def test_no_merge_across_a_merged_element_or_without_a_rule():
-    rules = make_ruleset([(6, 7)])
-    request = FakeRequest([1, V + 0, 7], num_computed_tokens=2)
-    assert merge_newest(request, GreedyLongestMatch(rules), V, 4) is None
-    request = FakeRequest([1, 2, 7], num_computed_tokens=2)
-    assert merge_newest(request, GreedyLongestMatch(rules), V, 4) is None
+    policy = GreedyLongestMatch(make_ruleset([(6, 7)]))
+    request = FakeRequest([1, V + 0, 7], num_computed_tokens=2, policy=policy)
+    assert merge_newest(request, V, 4) is None
+    request = FakeRequest([1, 2, 7], num_computed_tokens=2, policy=policy)
+    assert merge_newest(request, V, 4) is None
     assert request._all_token_ids == [1, 2, 7] and request.num_computed_tokens == 2

@@ -24,10 +24,17 @@ def test_longest_first_then_left_to_right():
 
 def test_decode_merges_the_longest_rule_the_newest_tokens_complete():
     policy = GreedyLongestMatch(RULES)
-    assert RULES.tokens_of(policy.decode_rule([1, 2, 3, 4])) == (1, 2, 3, 4)
-    assert RULES.tokens_of(policy.decode_rule([7, 5, 6])) == (5, 6)
-    assert policy.decode_rule([6, 5]) == NO_MERGE and policy.decode_rule([5]) == NO_MERGE
-    assert policy.max_span == 4
+    assert RULES.tokens_of(policy.decode_rule([1, 2, 3, 4], [None] * 4)) == (1, 2, 3, 4)
+    assert RULES.tokens_of(policy.decode_rule([7, 5, 6], [None] * 3)) == (5, 6)
+    assert policy.decode_rule([6, 5], [None] * 2) == NO_MERGE and policy.decode_rule([5], [None]) == NO_MERGE
+    assert policy.max_span == 4 and policy.window == 0
+
+
+def test_decode_merge_finds_the_span_on_a_compressed_sequence():
+    policy = GreedyLongestMatch(RULES)
+    merge = policy.decode_merge([9, V + 3, 1, 2, 3, 4], V)
+    assert (merge.start, merge.length, RULES.tokens_of(merge.rule_id)) == (2, 4, (1, 2, 3, 4))
+    assert policy.decode_merge([9, 5, V + 3, 6], V) is None  # a merged element breaks the span
 
 
 def test_segmentation_refuses_codes_that_do_not_tile_the_tokens():

@@ -19,6 +19,9 @@ from tests.engine.conftest import (  # noqa: F401  (fixtures)
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 
 
+MAX_WINDOW = 8  # per-request raw windows the test server accepts (--umim-max-window)
+
+
 def server_args(**umim) -> list[str]:
     """``vllm serve`` flags equal to the offline engines' ENGINE_ARGS, plus the given ``--umim-*``."""
     args = ["--dtype", ENGINE_ARGS["dtype"], "--enforce-eager", "--max-model-len", str(ENGINE_ARGS["max_model_len"])]
@@ -32,5 +35,5 @@ def server_args(**umim) -> list[str]:
 def umim_server(model_dir):  # noqa: F811
     from vllm_umim.server.launch import VllmServer
 
-    with VllmServer(model_dir, server_args(rules=RULES, module=module_for_tests()), env=SERVER_ENV) as server:
+    with VllmServer(model_dir, server_args(rules=RULES, module=module_for_tests(), **{"max-window": MAX_WINDOW}), env=SERVER_ENV) as server:
         yield server

@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.server.conftest import MAX_WINDOW
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "The history of the United States of America began"
@@ -64,6 +66,38 @@ def test_streamed_completion_final_usage_chunk(umim_server):
     final = events[-1]
     assert final["choices"] == [] and final["usage"]["umim"]["tokens_merged_away"] > 0
     assert all("umim" not in (event.get("usage") or {}) for event in events[:-1])
+
+
+def test_every_ending_carries_merge_figures(umim_server):
+    """Length, stop string (the frontend finishes those itself), stop token: usage.umim and the
+    counters, streamed or not."""
+    full = complete(umim_server, logprobs=0, return_tokens_as_token_ids=True)["choices"][0]
+    stop_token = int(full["logprobs"]["tokens"][12].removeprefix("token_id:"))
+    middle = len(full["text"]) // 2
+    endings = {"length": ({}, "length"), "stop string": ({"stop": [full["text"][middle : middle + 3]]}, "stop"),
+               "stop token": ({"stop_token_ids": [stop_token]}, "stop")}
+    before = umim_server.metrics()
+    for name, (extra, finish_reason) in endings.items():
+        usage = complete(umim_server, **extra)["usage"]
+        choice = complete(umim_server, **extra)["choices"][0]
+        events = stream_events(umim_server, "/v1/completions", {"model": umim_server.model, "prompt": PROMPT, "max_tokens": 24,
+                                                                "temperature": 0, "stream_options": {"include_usage": True}, **extra})
+        assert choice["finish_reason"] == finish_reason, name
+        for figures in (usage.get("umim"), events[-1]["usage"].get("umim")):
+            assert figures is not None, name
+            assert figures["raw_prompt_tokens"] == usage["prompt_tokens"] and figures["tokens_merged_away"] > 0, name
+    merged = umim_server.metrics()["vllm_umim:merged_requests_total"] - before.get("vllm_umim:merged_requests_total", 0)
+    assert merged == 3 * len(endings)
+
+
+def test_window_options_come_flat_in_vllm_xargs(umim_server):
+    merged = complete(umim_server, vllm_xargs={"umim": "prompt"})["usage"]["umim"]
+    windowed = complete(umim_server, vllm_xargs={"umim": "prompt", "umim_window": MAX_WINDOW})["usage"]["umim"]
+    assert windowed["raw_prompt_tokens"] == merged["raw_prompt_tokens"]
+    assert windowed["prompt_positions"] > merged["prompt_positions"]  # the prompt's tail stayed raw
+    too_wide = httpx.post(umim_server.url + "/v1/completions", timeout=60, json={
+        "model": umim_server.model, "prompt": PROMPT, "max_tokens": 4, "vllm_xargs": {"umim_window": MAX_WINDOW + 1}})
+    assert too_wide.status_code == 400 and "max_window" in too_wide.text
 
 
 def test_chat_completions_carry_merge_figures(umim_server):

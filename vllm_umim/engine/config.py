@@ -8,14 +8,22 @@ every worker and are part of vLLM's config hash)::
 
 Keys: ``rules`` (path, required), ``module`` (merge module path; default: the module named in or
 beside the rules file), ``mode`` ("dynamic": prompt and decode merging, pseudocode 4, the default;
-"prompt": prompt-only merging, pseudocode 3), ``table_budget_mib`` (memory for the precomputed
-surrogate table, default 1024 MiB; a rule set whose table would be larger runs the merge module
-inside every step instead, see ``vllm_umim.engine.embedding``). ``fingerprint`` is set by UMIM
-itself at start-up: a content hash of rules and module, so vLLM's compile cache (keyed by the config)
-never serves a graph compiled for other files.
+"prompt": prompt-only merging, pseudocode 3), ``window`` (raw recent window W, default 0: the
+newest W tokens stay unmerged, ``vllm_umim.policies.raw_window``), ``min_confidence`` (decode
+merges only of spans sampled with at least this probability, default 0 = off,
+``vllm_umim.policies.confidence_gate``), ``max_window`` (the largest window a request may ask for;
+default ``window``: decode rollbacks reach ``max_span - 1 + max_window`` positions back, and that
+many of a running request's newest positions stay out of the prefix cache), ``table_budget_mib``
+(memory for the precomputed surrogate table, default 1024 MiB; a rule set whose table would be
+larger runs the merge module inside every step instead, see ``vllm_umim.engine.embedding``).
+``fingerprint`` is set by UMIM itself at start-up: a content hash of rules and module, so vLLM's
+compile cache (keyed by the config) never serves a graph compiled for other files.
 
-Per request, ``SamplingParams(extra_args={"umim": False})`` (``vllm_xargs`` on the OpenAI server)
-serves that request unmerged; ``"prompt"`` or ``"dynamic"`` picks its mode.
+Per request, ``SamplingParams(extra_args={"umim": VALUE})`` (``vllm_xargs`` on the OpenAI server):
+``False`` serves that request unmerged; ``True`` uses the engine's settings; ``"prompt"`` or
+``"dynamic"`` picks the mode; a dict ``{"mode": ..., "window": ..., "min_confidence": ...}``
+overrides any of them (the OpenAI server's ``vllm_xargs`` takes flat values: there, use
+``umim_window`` and ``umim_min_confidence`` beside ``umim``).
 """
 
 from __future__ import annotations
@@ -25,24 +33,54 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_umim.errors import UmimError
+from vllm_umim.policies.settings import MODES, MergeSettings
 
 CONFIG_KEY = "umim"
-MODES = ("dynamic", "prompt")
 DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
-OPTIONS = ("rules", "module", "mode", "table_budget_mib", "fingerprint")
+OPTIONS = ("rules", "module", "mode", "window", "min_confidence", "max_window", "table_budget_mib", "fingerprint")
 DEFAULT_TABLE_BUDGET_MIB = 1024.0
+FLAT_REQUEST_KEYS = {"umim_window": "window", "umim_min_confidence": "min_confidence"}  # vllm_xargs spelling
 
 
 @dataclass(frozen=True)
 class UmimConfig:
     rules: str
     module: str | None = None
-    mode: str = "dynamic"
+    merge: MergeSettings = MergeSettings()
+    max_window: int = 0
     table_budget_mib: float = DEFAULT_TABLE_BUDGET_MIB
 
     @property
+    def mode(self) -> str:
+        return self.merge.mode
+
+    @property
     def dynamic(self) -> bool:
-        return self.mode == "dynamic"
+        return self.merge.dynamic
+
+    def request_settings(self, choice) -> MergeSettings | None:
+        """The settings a request's ``extra_args["umim"]`` value asks for (None: unmerged).
+
+        Raises ``UmimError`` naming the problem for a value that is not one of: a bool, a mode,
+        or a dict of merge options (a window above ``max_window`` included).
+        """
+        if choice is False or (choice == 0 and not isinstance(choice, (str, dict))):  # JSON false may arrive as 0
+            return None
+        if choice is True or (choice == 1 and not isinstance(choice, (str, dict))):
+            return self.merge
+        if isinstance(choice, str) and choice in MODES:
+            return self.merge.with_options({"mode": choice})
+        if not isinstance(choice, dict):
+            raise UmimError(f"extra_args['{CONFIG_KEY}'] must be true, false, 'prompt', 'dynamic' or a dict of "
+                            f"{', '.join(MergeSettings.FIELDS)}; got {choice!r}")
+        try:
+            settings = self.merge.with_options(choice)
+        except ValueError as e:
+            raise UmimError(f"extra_args['{CONFIG_KEY}']: {e}") from None
+        if settings.window > self.max_window:
+            raise UmimError(f"extra_args['{CONFIG_KEY}']: window {settings.window} is above this engine's max_window "
+                            f"{self.max_window} (start it with max_window / --umim-max-window)")
+        return settings
 
     @classmethod
     def from_dict(cls, options: dict) -> "UmimConfig":
@@ -53,13 +91,18 @@ class UmimConfig:
             raise UmimError(f"unknown UMIM option(s) {sorted(unknown)}; expected {', '.join(OPTIONS)}")
         if not options.get("rules"):
             raise UmimError("UMIM needs a rules file: additional_config={'umim': {'rules': 'rules.bin'}}")
-        mode = options.get("mode", "dynamic")
-        if mode not in MODES:
-            raise UmimError(f"UMIM mode must be one of {MODES}, got {mode!r}")
+        try:
+            merge = MergeSettings().with_options({k: options[k] for k in MergeSettings.FIELDS if k in options})
+        except ValueError as e:
+            raise UmimError(f"UMIM option: {e}") from None
+        max_window = options.get("max_window", merge.window)
+        if isinstance(max_window, bool) or not isinstance(max_window, int) or max_window < merge.window:
+            raise UmimError(f"UMIM max_window must be an integer >= window ({merge.window}), got {max_window!r}")
         budget = options.get("table_budget_mib", DEFAULT_TABLE_BUDGET_MIB)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
             raise UmimError(f"UMIM table_budget_mib must be a number >= 0 (MiB), got {budget!r}")
-        return cls(rules=str(options["rules"]), module=options.get("module") or None, mode=mode, table_budget_mib=float(budget))
+        return cls(rules=str(options["rules"]), module=options.get("module") or None, merge=merge, max_window=max_window,
+                   table_budget_mib=float(budget))
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "UmimConfig | None":

@@ -7,8 +7,12 @@ prompt when a request is added and appends every sampled token. With UMIM the ro
 * ``load_model``: wraps the model's token embedding with ``SurrogateEmbedding`` (virtual ids →
   merge-module surrogates) — prefill merging needs nothing else, the prompt ids are compressed;
 * ``_update_states``: applies the decode merges the scheduler sends on the ``SchedulerOutput``
-  (row[position] = virtual id, row length = position + 1), and re-writes the rows of requests
-  vLLM re-adds from their raw outputs (after preemption or a step without them);
+  (the row from the span's start on = its virtual id and the raw window after it), and re-writes
+  the rows of requests vLLM re-adds from their raw outputs (after preemption or a step without
+  them);
+* ``_sample`` / ``sample_tokens``: when the scheduler asks (a confidence-gated request is running),
+  send back the probability of each sampled token under the model's own distribution, on the
+  ``ModelRunnerOutput`` as ``umim_confidences``;
 * request states report their compressed length as ``num_tokens`` (``UmimRequestState``), which
   vLLM uses to decide whether a step samples.
 
@@ -53,13 +57,13 @@ class UmimRequestState(CachedRequestState):
             self.sequence_tail.extend(self.output_token_ids[-missing:])
         return self.sequence_tail
 
-    def apply_merge(self, position: int, virtual_id: int, span_length: int) -> None:
+    def apply_merge(self, start: int, ids: tuple[int, ...], span_length: int) -> None:
+        """From compressed index ``start`` on, the sequence is now ``ids`` (``MergeEvent``)."""
         if self.first_merge is None:
-            self.first_merge = position
-            self.sequence_tail = [self.get_token_id(i) for i in range(position, self.num_tokens)]
+            self.first_merge = start
+            self.sequence_tail = [self.get_token_id(i) for i in range(start, self.num_tokens)]
         tail = self.compressed_tail()
-        del tail[position - self.first_merge :]
-        tail.append(virtual_id)
+        tail[start - self.first_merge :] = ids
         self.tokens_merged_away += span_length - 1
 
 
@@ -86,6 +90,7 @@ class UmimModelRunnerMixin:
             self.input_batch.umim_raw_prompts = True
         # rows vLLM (re-)writes from prompt + raw outputs this step: new to the batch, or resumed
         kept_rows = set(self.input_batch.req_id_to_index) - set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        self.umim_wants_confidences = getattr(scheduler_output, "umim_wants_confidences", False)
         result = super()._update_states(scheduler_output)
         for new_request in scheduler_output.scheduled_new_reqs:
             self.requests[new_request.req_id].__class__ = UmimRequestState
@@ -94,13 +99,30 @@ class UmimModelRunnerMixin:
             req_state = self.requests.get(event.request_id)
             if req_state is None:  # finished or aborted meanwhile
                 continue
-            req_state.apply_merge(event.position, event.virtual_id, event.span_length)
+            req_state.apply_merge(event.start, event.ids, event.span_length)
             rewritten.add(event.request_id)
         for req_id, row in self.input_batch.req_id_to_index.items():
             req_state = self.requests[req_id]
             if req_state.first_merge is not None and (req_id in rewritten or req_id not in kept_rows):
                 self._write_row(row, req_state)
         return result
+
+    def _sample(self, logits, spec_decode_metadata):
+        wanted = logits is not None and getattr(self, "umim_wants_confidences", False)
+        probs = torch.softmax(logits.float(), dim=-1) if wanted else None  # before the sampler edits logits
+        sampler_output = super()._sample(logits, spec_decode_metadata)
+        if probs is not None:
+            sampled = sampler_output.sampled_token_ids[:, :1].long()
+            confidences = probs.gather(1, sampled)[:, 0].tolist()
+            self.umim_step_confidences = dict(zip(self.input_batch.req_ids, confidences))
+        return sampler_output
+
+    def sample_tokens(self, *args, **kwargs):
+        self.umim_step_confidences = None
+        output = super().sample_tokens(*args, **kwargs)
+        if self.umim_step_confidences is not None:
+            output.umim_confidences = self.umim_step_confidences
+        return output
 
     def _write_row(self, row: int, req_state: UmimRequestState) -> None:
         tail = req_state.compressed_tail()

@@ -10,9 +10,11 @@ wrapped (the server's wrappers live in ``vllm_umim.server.patches``):
   UMIM scheduler and worker, turn vLLM's "auto" async scheduling off (refuse it when asked for
   explicitly), choose the V1 model runner where the user left it to vLLM, and refuse unsupported
   setups.
-* ``InputProcessor._validate_params``: reject a bad ``extra_args["umim"]`` in the API process
-  (LLM.generate raises a ValueError, the OpenAI server answers 400), never in the engine, and
-  turn ``vllm_xargs``' 0 / 1 (pydantic's coercion of JSON false / true) back into booleans.
+* ``InputProcessor._validate_params``: read a request's ``extra_args["umim"]`` (and the flat
+  ``umim_window`` / ``umim_min_confidence`` of ``vllm_xargs``) into its merge settings in the API
+  process, so a bad value is rejected there (LLM.generate raises a ValueError, the OpenAI server
+  answers 400), never in the engine; ``vllm_xargs``' 0 / 1 (pydantic's coercion of JSON false /
+  true) are read as the booleans they were.
 * ``RequestState.make_request_output``: with ``n > 1`` vLLM gives the request's output the KV
   transfer parameters of whichever sample finished last; sum every sample's merge figures instead.
 
@@ -31,7 +33,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
 from vllm_umim.engine.assets import validate_umim_files
-from vllm_umim.engine.config import CONFIG_KEY, UmimConfig, check_vllm_config, prefer_v1_model_runner
+from vllm_umim.engine.config import CONFIG_KEY, FLAT_REQUEST_KEYS, UmimConfig, check_vllm_config, prefer_v1_model_runner
 from vllm_umim.engine.stats import STATS_KEY, combine_stats
 from vllm_umim.errors import UmimError
 
@@ -40,7 +42,6 @@ SCHEDULER_CLS = "vllm_umim.engine.scheduler.UmimScheduler"
 CPU_WORKER_CLS = "vllm_umim.engine.worker.UmimCPUWorker"
 GPU_WORKER_CLS = "vllm_umim.engine.worker.UmimGPUWorker"
 STOCK_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
-REQUEST_CHOICES = (True, False, "prompt", "dynamic")
 
 
 def check_vllm_version() -> None:
@@ -87,28 +88,36 @@ class RequestChoiceError(VLLMValidationError, ValueError):
     ``AsyncLLM.generate``)."""
 
 
-def request_choice(value):
-    """The per-request choice as the engine expects it (True, False, "prompt" or "dynamic").
+def request_choice(extra_args: dict, config: UmimConfig):
+    """A request's UMIM choice as the engine reads it: False (unmerged) or a dict of every merge
+    setting. Raises RequestChoiceError naming the bad value.
 
     The OpenAI server's ``vllm_xargs`` is typed ``str | int | float``, so pydantic turns a JSON
-    ``false`` / ``true`` into 0 / 1: those are read as the booleans they were.
+    ``false`` / ``true`` into 0 / 1 (read as the booleans they were), and a dict cannot be sent:
+    there the options come flat, ``umim_window`` / ``umim_min_confidence`` beside ``umim``.
     """
-    if isinstance(value, int) and value in (0, 1):  # bool is an int too
-        return bool(value)
-    if isinstance(value, str) and value in REQUEST_CHOICES:
-        return value
-    raise RequestChoiceError(
-        f"extra_args['{CONFIG_KEY}'] must be true, false, 'prompt' or 'dynamic', got {value!r}", parameter="vllm_xargs"
-    )
+    choice = extra_args.get(CONFIG_KEY, True)
+    flat = {FLAT_REQUEST_KEYS[key]: extra_args.pop(key) for key in list(extra_args) if key in FLAT_REQUEST_KEYS}
+    try:
+        if flat and config.request_settings(choice if not isinstance(choice, dict) else True) is not None:
+            choice = {**({"mode": choice} if isinstance(choice, str) else choice if isinstance(choice, dict) else {}), **flat}
+        settings = config.request_settings(choice)
+    except UmimError as e:
+        raise RequestChoiceError(str(e), parameter="vllm_xargs") from None
+    return False if settings is None else {name: getattr(settings, name) for name in settings.FIELDS}
 
 
 def _validate_params(original):
     @functools.wraps(original)
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
-        extra = getattr(params, "extra_args", None) or {}
-        if CONFIG_KEY in extra:
-            extra[CONFIG_KEY] = request_choice(extra[CONFIG_KEY])
+        extra = getattr(params, "extra_args", None)
+        if extra and (CONFIG_KEY in extra or set(extra) & set(FLAT_REQUEST_KEYS)):
+            config = self.__dict__.get("umim_config")
+            if config is None:
+                config = self.__dict__["umim_config"] = UmimConfig.from_vllm_config(self.vllm_config) or False
+            if config:  # an engine without UMIM ignores the key
+                extra[CONFIG_KEY] = request_choice(extra, config)
         return result
 
     return _validate_params

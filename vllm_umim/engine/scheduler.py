@@ -1,13 +1,17 @@
 """UmimScheduler: vLLM's Scheduler with prompt merging at admission and decode merging after sampling.
 
-Selected through vLLM's ``scheduler_cls`` config. Three overrides, each small:
+Selected through vLLM's ``scheduler_cls`` config. Four overrides, each small:
 
-* ``add_request``: compress the prompt (the merge policy's prefill segmentation, pseudocode 3)
-  before vLLM sees its length;
+* ``add_request``: pick the request's merge policy (engine settings, or its own in
+  ``extra_args["umim"]``) and compress the prompt (the policy's prefill segmentation,
+  pseudocode 3) before vLLM sees its length;
+* ``update_from_output``: keep the step's sampled-token probabilities the worker sends (only
+  read by a confidence-gated policy);
 * ``_update_request_with_output``: after a sampled token is appended and stop checks ran, merge
-  the newest tokens if the policy merges the rule they complete (pseudocode 4), rolling back
-  ``num_computed_tokens``;
-* ``schedule``: hand the step's merge events to the worker on the ``SchedulerOutput``.
+  the span completed at the policy's decode frontier (pseudocode 4), rolling back
+  ``num_computed_tokens`` to the span's start;
+* ``schedule``: hand the step's merge events to the worker on the ``SchedulerOutput``, and say
+  whether any running request needs sampled-token probabilities.
 
 Blocks that a rollback may still rewrite (the last ``rollback_depth`` computed positions) are kept out of
 the prefix cache through the KV coordinator's ``num_reprefillable_tokens``, the knob vLLM has for
@@ -22,32 +26,33 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_umim.engine.assets import load_engine_rules
-from vllm_umim.engine.config import MODES, UmimConfig, virtual_base
-from vllm_umim.engine.stats import STATS_KEY
+from vllm_umim.engine.config import UmimConfig, virtual_base
 from vllm_umim.engine.sequence import MergeEvent, MergeState, compress_tokens, merge_newest
-from vllm_umim.policies import GreedyLongestMatch
+from vllm_umim.engine.stats import STATS_KEY
+from vllm_umim.errors import UmimError
+from vllm_umim.policies import MergePolicy, MergeSettings
 
 logger = init_logger(__name__)
 
 
-def requested_mode(request: Request, default_mode: str) -> str | None:
-    """The merge mode for a request, or None to serve it unmerged.
+def requested_settings(request: Request, config: UmimConfig) -> MergeSettings | None:
+    """The merge settings for a request, or None to serve it unmerged.
 
-    ``extra_args={"umim": False}`` opts out; ``"prompt"`` / ``"dynamic"`` override the engine's
-    mode. Requests merging cannot serve run unmerged: prompt embeddings, multi-modal or streaming
-    input, and prompt logprobs (which are per raw prompt token).
+    ``extra_args={"umim": False}`` opts out; ``True``, a mode or a dict of settings chooses (read
+    and checked in the API process, ``vllm_umim.engine.patches``). Requests merging cannot serve
+    run unmerged: prompt embeddings, multi-modal or streaming input, and prompt logprobs (which
+    are per raw prompt token).
     """
     params = request.sampling_params
     if params is None or request.prompt_token_ids is None or request.prompt_embeds is not None:
         return None
     if request.resumable or request.mm_features or params.prompt_logprobs is not None:
         return None
-    choice = (params.extra_args or {}).get("umim", True)
-    if choice in MODES:
-        return choice
-    if choice is False or (choice == 0 and not isinstance(choice, str)):  # JSON false may arrive as 0
+    try:
+        return config.request_settings((params.extra_args or {}).get("umim", True))
+    except UmimError as e:  # only reachable by a caller that bypassed the API process' check
+        logger.warning("request %s served unmerged: %s", request.request_id, e)
         return None
-    return default_mode  # true; anything else was refused as a request error in the API process
 
 
 class UmimScheduler(Scheduler):
@@ -55,33 +60,42 @@ class UmimScheduler(Scheduler):
         super().__init__(vllm_config, *args, **kwargs)
         self.umim_config = UmimConfig.from_vllm_config(vllm_config)
         self.umim_rules = load_engine_rules(self.umim_config.rules)
-        self.umim_policy = GreedyLongestMatch(self.umim_rules)
+        self.umim_policies: dict[MergeSettings, MergePolicy] = {}
         self.virtual_base = virtual_base(vllm_config)
         self.pending_merges: list[MergeEvent] = []
+        self.step_confidences: dict[str, float] = {}
         if self.rollback_depth > 0:
             coordinator = self.kv_cache_manager.coordinator
             coordinator.num_reprefillable_tokens = max(coordinator.num_reprefillable_tokens, self.rollback_depth)
-        logger.info("UMIM scheduler: %s; mode %s", self.umim_rules.summary(), self.umim_config.mode)
+        logger.info("UMIM scheduler: %s; %s, max_window %d", self.umim_rules.summary(), self.umim_config.merge,
+                    self.umim_config.max_window)
 
     @property
     def rollback_depth(self) -> int:
-        """How many computed positions a decode merge can roll back: ``max_span - 1`` (the span's
-        older tokens). Blocks holding them are kept out of the prefix cache; a policy that rolls
-        back further (a raw recent window) raises this one figure."""
-        return max(self.umim_policy.max_span - 1, 0)
+        """How many computed positions a decode merge can roll back: the span's older tokens
+        (``max_span - 1``) and the raw window after it (up to ``max_window``). Blocks holding them
+        are kept out of the prefix cache."""
+        return max(self.umim_rules.max_n - 1, 0) + self.umim_config.max_window
+
+    def merge_policy(self, settings: MergeSettings) -> MergePolicy:
+        """The policy for ``settings``, built once per engine."""
+        if settings not in self.umim_policies:
+            self.umim_policies[settings] = settings.build(self.umim_rules)
+        return self.umim_policies[settings]
 
     # ---- admission: prompt merging -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
-            mode = requested_mode(request, self.umim_config.mode)
-            if mode is not None:
-                self._compress_prompt(request, dynamic=mode == "dynamic")
+            settings = requested_settings(request, self.umim_config)
+            if settings is not None:
+                self._compress_prompt(request, settings)
         super().add_request(request)
 
-    def _compress_prompt(self, request: Request, dynamic: bool) -> None:
+    def _compress_prompt(self, request: Request, settings: MergeSettings) -> None:
         raw_prompt = request.prompt_token_ids
-        compressed, merges = compress_tokens(raw_prompt, self.umim_policy, self.virtual_base)
-        request.umim = MergeState(dynamic, len(raw_prompt), prompt_positions=len(compressed), prefill_merges=merges)
+        policy = self.merge_policy(settings)
+        compressed, merges = compress_tokens(raw_prompt, policy, self.virtual_base)
+        request.umim = MergeState(settings.dynamic, policy, len(raw_prompt), prompt_positions=len(compressed), prefill_merges=merges)
         request.prompt_token_ids = compressed
         request.num_prompt_tokens = len(compressed)
         request._all_token_ids[:] = compressed  # in place: request.all_token_ids is a view of it
@@ -89,11 +103,35 @@ class UmimScheduler(Scheduler):
         request.update_block_hashes()
 
     # ---- after sampling: decode merging --------------------------------------------------------
+    def update_from_output(self, scheduler_output, model_runner_output):
+        self.step_confidences = getattr(model_runner_output, "umim_confidences", None) or {}
+        engine_core_outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self._attach_figures_for_stop_strings(engine_core_outputs)
+        return engine_core_outputs
+
+    def _attach_figures_for_stop_strings(self, engine_core_outputs) -> None:
+        """A stop string is found by the frontend's detokenizer, which then finishes the request
+        itself: the engine's final figures (on the finished output, ``_free_request``) never reach
+        it. Requests with stop strings therefore carry their figures so far on every output."""
+        for outputs in engine_core_outputs.values():
+            for output in outputs.outputs:
+                if output.kv_transfer_params is not None or output.finish_reason is not None:
+                    continue
+                request = self.requests.get(output.request_id)
+                state: MergeState | None = getattr(request, "umim", None)
+                if state is not None and request.sampling_params.stop:
+                    stats = state.stats(request.num_output_tokens, request.num_tokens, self.block_size)
+                    output.kv_transfer_params = {STATS_KEY: stats}
+
     def _update_request_with_output(self, request: Request, new_token_ids: list[int], is_stale: bool = False):
         new_token_ids, stopped = super()._update_request_with_output(request, new_token_ids, is_stale)
         state: MergeState | None = getattr(request, "umim", None)
-        if state is not None and state.dynamic and not stopped and new_token_ids:
-            event = merge_newest(request, self.umim_policy, self.virtual_base, self.hash_block_size)
+        if state is None or not new_token_ids:
+            return new_token_ids, stopped
+        if state.policy.needs_confidence:  # missing (e.g. a worker that did not send it): unknown
+            state.output_confidences += [self.step_confidences.get(request.request_id, float("nan"))] * len(new_token_ids)
+        if state.dynamic and not stopped:
+            event = merge_newest(request, self.virtual_base, self.hash_block_size)
             if event is not None:
                 self.pending_merges.append(event)
         return new_token_ids, stopped
@@ -102,6 +140,9 @@ class UmimScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         scheduler_output = super().schedule(*args, **kwargs)
         scheduler_output.umim_merges, self.pending_merges = self.pending_merges, []
+        scheduler_output.umim_wants_confidences = any(
+            getattr(request, "umim", None) is not None and request.umim.policy.needs_confidence for request in self.running
+        )
         return scheduler_output
 
     # ---- per-request figures on the final output -----------------------------------------------

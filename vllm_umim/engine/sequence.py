@@ -14,10 +14,9 @@ compressed sequence, and prefix-cache block hashes include the merge structure.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vllm_umim.policies import MergePolicy
-from vllm_umim.policies.base import NO_MERGE
 
 
 @dataclass
@@ -25,11 +24,13 @@ class MergeState:
     """Per-request UMIM bookkeeping, attached to the vLLM ``Request`` as ``request.umim``."""
 
     dynamic: bool
+    policy: MergePolicy
     raw_prompt_tokens: int
     prompt_positions: int
     prefill_merges: int = 0  # spans merged in the prompt
     decode_merges: int = 0  # spans merged while decoding
     decode_tokens_merged_away: int = 0
+    output_confidences: list[float] = field(default_factory=list)  # kept only for a confidence-gated policy
 
     def stats(self, num_output_tokens: int, positions: int, block_size: int) -> dict:
         """The request's figures (vocabulary in ``vllm_umim.engine.stats``)."""
@@ -49,11 +50,13 @@ class MergeState:
 
 @dataclass(frozen=True)
 class MergeEvent:
-    """A decode-time merge the worker must mirror: position ``position`` now holds ``virtual_id``."""
+    """A decode-time merge the worker must mirror: from compressed index ``start`` on, the
+    request's sequence is now ``ids`` (the span's virtual id, then the raw window after it);
+    ``span_length`` raw tokens became one position."""
 
     request_id: str
-    position: int
-    virtual_id: int
+    start: int
+    ids: tuple[int, ...]
     span_length: int
 
 
@@ -65,36 +68,27 @@ def compress_tokens(token_ids: list[int], policy: MergePolicy, virtual_base: int
     return segmentation.compressed_ids(virtual_base), segmentation.num_merged
 
 
-def newest_plain_tokens(token_ids: list[int], virtual_base: int, max_n: int) -> list[int]:
-    """The trailing plain tokens (at most ``max_n``): only these can complete a rule."""
-    tail = []
-    for token in reversed(token_ids[-max_n:]):
-        if token >= virtual_base:
-            break
-        tail.append(token)
-    return tail[::-1]
-
-
-def merge_newest(request, policy: MergePolicy, virtual_base: int, hash_block_size: int) -> MergeEvent | None:
+def merge_newest(request, virtual_base: int, hash_block_size: int) -> MergeEvent | None:
     """Decode merging (pseudocode 4) on a vLLM request whose newest token was just appended.
 
-    If the policy merges the rule n-gram the newest plain tokens complete, replace them by one virtual id and roll
-    ``num_computed_tokens`` back by n-1 (the older n-1 had KV; the newest had none yet). The
+    If the request's policy merges the span completed at its decode frontier, replace the span by
+    one virtual id (the raw window after it, if any, moves left) and roll ``num_computed_tokens``
+    back to the span's start: the surrogate and the window are computed at their new positions
+    in the next step (with no window: just the surrogate, fed instead of the newest token). The
     rolled-back KV slots stay allocated and are overwritten as the sequence regrows, like
-    rejected speculative tokens. Block hashes past the new end are dropped and recomputed.
+    rejected speculative tokens. Block hashes from the span's block on are dropped and recomputed.
     """
-    token_ids = request._all_token_ids
-    rule_id = policy.decode_rule(newest_plain_tokens(token_ids, virtual_base, policy.max_span))
-    if rule_id == NO_MERGE:
-        return None
-    n = int(policy.rules.span_lengths[rule_id])
-    assert request.num_computed_tokens == len(token_ids) - 1, "merge check must follow a full step"
-    del token_ids[-n:]
-    token_ids.append(virtual_base + rule_id)
-    request.num_computed_tokens -= n - 1
-    del request.block_hashes[len(token_ids) // hash_block_size :]
-    request.update_block_hashes()
     state: MergeState = request.umim
+    token_ids = request._all_token_ids
+    merge = state.policy.decode_merge(token_ids, virtual_base, state.output_confidences)
+    if merge is None:
+        return None
+    assert request.num_computed_tokens == len(token_ids) - 1, "merge check must follow a full step"
+    ids = (virtual_base + merge.rule_id, *token_ids[merge.start + merge.length :])
+    token_ids[merge.start :] = ids
+    request.num_computed_tokens = merge.start
+    del request.block_hashes[merge.start // hash_block_size :]
+    request.update_block_hashes()
     state.decode_merges += 1
-    state.decode_tokens_merged_away += n - 1
-    return MergeEvent(request.request_id, len(token_ids) - 1, virtual_base + rule_id, n)
+    state.decode_tokens_merged_away += merge.length - 1
+    return MergeEvent(request.request_id, merge.start, ids, merge.length)

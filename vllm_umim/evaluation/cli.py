@@ -141,7 +141,7 @@ def qa_stage(args, frozen, modules, result) -> None:
     result["qa"] = evaluate_qa(frozen.model, frozen.tokenizer, frozen.rules, modules, args.tasks.split(","), args.limit,
                                not args.no_progress, on_task=lambda partial: (result.update(qa=partial), _dump(args, result)))
     for task, r in result["qa"].items():
-        accs = "  ".join(f"{k} {100 * v:.1f}" for k, v in r["accuracy"].items())
+        accs = "  ".join(f"{k} {100 * v:.1f} ± {100 * r['stderr'][k]:.1f}" for k, v in r["accuracy"].items())
         print(f"{task:14s} n={r['n']:4d}  TR {100 * r['tr']:.1f} %  {accs}", flush=True)
 
 

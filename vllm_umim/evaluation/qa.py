@@ -65,9 +65,18 @@ def evaluate_qa(model, tokenizer, rules, modules: dict, tasks=TASKS, limit: int 
         results[task] = {
             "n": len(items),
             "accuracy": {name: c / max(len(items), 1) for name, c in correct.items()},
+            "stderr": {name: standard_error(c, len(items)) for name, c in correct.items()},
             "tr": 1.0 - merged / raw if raw else 0.0,
             "seconds": round(time.perf_counter() - started, 1),
         }
         if on_task is not None:
             on_task(results)
     return results
+
+
+def standard_error(correct: int, n: int) -> float:
+    """Binomial standard error of an accuracy of ``correct`` out of ``n``."""
+    if n == 0:
+        return 0.0
+    p = correct / n
+    return (p * (1 - p) / n) ** 0.5

@@ -20,6 +20,16 @@ from vllm_umim.rules import RuleSet
 NO_MERGE = -1  # MergePolicy.decode_rule: the newest tokens are not merged (now)
 
 
+@dataclass(frozen=True)
+class DecodeMerge:
+    """A decode-time merge: the ``length`` raw tokens at compressed index ``start`` become rule
+    ``rule_id``; the elements after them (a raw recent window) move ``length - 1`` to the left."""
+
+    rule_id: int
+    start: int
+    length: int
+
+
 @dataclass
 class Segmentation:
     """Raw ``tokens`` as elements: element j is ``tokens[starts[j]:ends[j]]``, merged as rule
@@ -69,21 +79,90 @@ class Segmentation:
 
 
 class MergePolicy(ABC):
-    """Which n-grams of a rule set are merged, at prefill and at decode."""
+    """Which n-grams of a rule set are merged, at prefill and at decode.
+
+    A policy answers two questions: ``segment`` (the prompt's spans) and ``decode_rule`` (does the
+    span the plain tokens at the decode *frontier* complete merge now?). The frontier is the
+    newest token, or, with a raw recent window of W tokens (``window``), the token W places
+    before it. ``decode_merge`` finds the frontier on a compressed sequence; every consumer (the
+    engine's scheduler, the reference runtime) calls it, so they decide identically.
+    """
 
     def __init__(self, rules: RuleSet):
         self.rules = rules
 
     @property
     def max_span(self) -> int:
-        """Longest span this policy merges (how many newest tokens a decode check looks at)."""
+        """Longest span this policy merges (how many tokens a decode check looks at)."""
         return self.rules.max_n
+
+    @property
+    def window(self) -> int:
+        """Raw tokens kept unmerged behind the newest one (0: merge as soon as a span completes)."""
+        return 0
+
+    @property
+    def needs_confidence(self) -> bool:
+        """Whether ``decode_rule`` reads the sampled tokens' probabilities."""
+        return False
 
     @abstractmethod
     def segment(self, sequences: list[list[int]]) -> list[Segmentation]:
         """Prefill: the segmentation of each raw token sequence."""
 
     @abstractmethod
-    def decode_rule(self, newest_plain_tokens: list[int]) -> int:
-        """Decode: the rule to merge now, given the trailing plain tokens (at most ``max_span``,
-        the newest last), or ``NO_MERGE``."""
+    def decode_rule(self, plain_tokens: list[int], confidences: list[float | None]) -> int:
+        """Decode: the rule to merge now, given the plain tokens ending at the frontier (at most
+        ``max_span``, the newest last) and the probability the model gave each when it was
+        sampled (None for a prompt token), or ``NO_MERGE``."""
+
+    def decode_merge(self, ids: list[int], virtual_base: int, output_confidences: list[float] = ()) -> DecodeMerge | None:
+        """The merge to make now on compressed sequence ``ids`` (plain tokens below
+        ``virtual_base``, merged spans at or above it), right after a sampled token was appended.
+
+        ``output_confidences[i]`` is the probability of raw output token i when it was sampled;
+        only a policy that ``needs_confidence`` reads it (missing entries count as unknown).
+        """
+        frontier = len(ids) - self.window  # ids[frontier:] is the raw window: plain, unmerged
+        tail = []
+        for token in reversed(ids[max(frontier - self.max_span, 0) : max(frontier, 0)]):
+            if token >= virtual_base:
+                break
+            tail.append(token)
+        if len(tail) < 2:
+            return None
+        tail.reverse()
+        # The frontier token is raw output token (outputs - 1 - window); older ones may be prompt.
+        last = len(output_confidences) - 1 - self.window
+        confidences = [output_confidences[i] if i >= 0 else None for i in range(last - len(tail) + 1, last + 1)]
+        rule_id = self.decode_rule(tail, confidences)
+        if rule_id == NO_MERGE:
+            return None
+        length = int(self.rules.span_lengths[rule_id])
+        return DecodeMerge(rule_id, frontier - length, length)
+
+
+class PolicyWrapper(MergePolicy):
+    """A policy that refines another (``inner``): it delegates what it does not change."""
+
+    def __init__(self, inner: MergePolicy):
+        super().__init__(inner.rules)
+        self.inner = inner
+
+    @property
+    def max_span(self) -> int:
+        return self.inner.max_span
+
+    @property
+    def window(self) -> int:
+        return self.inner.window
+
+    @property
+    def needs_confidence(self) -> bool:
+        return self.inner.needs_confidence
+
+    def segment(self, sequences: list[list[int]]) -> list[Segmentation]:
+        return self.inner.segment(sequences)
+
+    def decode_rule(self, plain_tokens: list[int], confidences: list[float | None]) -> int:
+        return self.inner.decode_rule(plain_tokens, confidences)

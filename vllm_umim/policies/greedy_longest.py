@@ -22,6 +22,6 @@ class GreedyLongestMatch(MergePolicy):
         spans = self.rules.find_spans(sequences)
         return [Segmentation.from_spans(tokens, codes, self.rules) for tokens, codes in zip(sequences, spans)]
 
-    def decode_rule(self, newest_plain_tokens: list[int]) -> int:
-        rule_id = self.rules.match_suffix(newest_plain_tokens)
+    def decode_rule(self, plain_tokens: list[int], confidences: list[float | None]) -> int:
+        rule_id = self.rules.match_suffix(plain_tokens)
         return NO_MERGE if rule_id == NO_MATCH else rule_id

@@ -5,9 +5,12 @@ fast. A compressed sequence is a list of ``Element``s: a plain token, or a merge
 embedding is the merge module's surrogate. Positions are the compacted indices 0..len-1.
 
 * prompt-only merging (pseudocode 3): merge the prompt once, then decode normally;
-* dynamic merging (pseudocode 4): additionally, after each sampled token, if the newest plain
-  elements form a rule n-gram, drop the n-1 older ones from the KV cache and feed one surrogate
-  at the span's first position instead of the new token.
+* dynamic merging (pseudocode 4): additionally, after each sampled token, if the plain elements
+  at the policy's decode frontier form a rule n-gram it merges, drop the span (and the raw window
+  after it, if the policy keeps one) from the KV cache and feed one surrogate at the span's first
+  position, then the window's tokens again, instead of the new token alone.
+
+The policy (``vllm_umim.policies``) is the same object type the engine's scheduler uses.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import torch
 from transformers import DynamicCache
 
 from vllm_umim.ops.matcher import SINGLE
-from vllm_umim.policies import GreedyLongestMatch, MergePolicy
-from vllm_umim.policies.base import NO_MERGE
+from vllm_umim.policies import DecodeMerge, GreedyLongestMatch, MergePolicy
 from vllm_umim.rules import RuleSet
 from vllm_umim.rules.ruleset import MAX_SPAN
+
+VIRTUAL_BASE = 1 << 40  # merged elements as ids for the policy: any base above every token id
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Generation:
     finish_reason: str = "length"
     elements_history: list[int] = field(default_factory=list)  # compressed length after each step
     margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit at each step
+    confidences: list[float] = field(default_factory=list)  # probability of each sampled token
 
     @property
     def raw_length(self) -> int:
@@ -70,28 +75,18 @@ def merge_prompt(token_ids: list[int], policy: MergePolicy) -> list[Element]:
     ]
 
 
-def merge_newest(elements: list[Element], policy: MergePolicy) -> int:
-    """Pseudocode 4's check: the rule to merge now if the newest plain elements complete one, else
-    NO_MERGE. Only trailing *plain* elements can take part: a span containing a merged element is not in R.
-    """
-    tail = []
-    for element in reversed(elements[-policy.max_span :] if policy.max_span else []):
-        if element.merged:
-            break
-        tail.append(element.tokens[0])
-    return policy.decode_rule(tail[::-1])
-
-
-def merge_after_token(elements: list[Element], policy: MergePolicy) -> int:
-    """Decode merging after a token was appended to ``elements``: replace the newest n plain
-    elements by one merged element in place when the policy says so; returns n (0: no merge)."""
-    rule_id = merge_newest(elements, policy)
-    if rule_id == NO_MERGE:
-        return 0
-    tokens = policy.rules.tokens_of(rule_id)
-    del elements[-len(tokens) :]
-    elements.append(Element(tokens, rule_id))
-    return len(tokens)
+def merge_after_token(elements: list[Element], policy: MergePolicy, output_confidences: list[float] = ()) -> DecodeMerge | None:
+    """Decode merging after a token was appended to ``elements``: where the policy merges the span
+    at its decode frontier, replace the span's plain elements by one merged element in place
+    (elements after it, a raw window, stay as they are). Returns the merge, or None."""
+    ids = [VIRTUAL_BASE + e.rule_id if e.merged else e.tokens[0] for e in elements]
+    merge = policy.decode_merge(ids, VIRTUAL_BASE, output_confidences)
+    if merge is None:
+        return None
+    tokens = tuple(ids[merge.start : merge.start + merge.length])
+    assert tokens == policy.rules.tokens_of(merge.rule_id), "the policy merged tokens that are not its rule"
+    elements[merge.start : merge.start + merge.length] = [Element(tokens, merge.rule_id)]
+    return merge
 
 
 class ReferenceRuntime:
@@ -155,6 +150,7 @@ class ReferenceRuntime:
             top2 = torch.topk(logits, 2).values
             result.margins.append(float(top2[0] - top2[1]))
             token = sample(logits, temperature, top_p, top_k, generator)
+            result.confidences.append(float(torch.softmax(logits, -1)[token]))
             result.output_token_ids.append(token)
             elements.append(Element((token,)))
             if token in eos_token_ids:
@@ -162,12 +158,14 @@ class ReferenceRuntime:
                 break
             if len(result.output_token_ids) == max_new_tokens:
                 break
-            n = merge_after_token(elements, self.policy) if self.dynamic else 0
-            if n:  # roll back the n-1 cached elements of the span; the surrogate is fed instead
-                cache.crop(-(n - 1))
+            merge = merge_after_token(elements, self.policy, result.confidences) if self.dynamic else None
+            start = len(elements) - 1  # the newest element is not cached yet
+            if merge is not None:  # roll back to the span's start: surrogate (and window) are fed again
+                start = merge.start
+                cache.crop(start - cache.get_seq_length())  # negative: drop that many newest entries
                 result.decode_merges += 1
             result.elements_history.append(len(elements))
-            logits = self.forward(self.embed(elements[-1:]), len(elements) - 1, cache)
+            logits = self.forward(self.embed(elements[start:]), start, cache)
         return result
 
 
@@ -197,18 +195,21 @@ def bracketed(elements: list[Element], tokenizer) -> str:
     return "".join(parts)
 
 
-def replay_merges(prompt_token_ids: list[int], output_token_ids: list[int], policy: MergePolicy, dynamic: bool) -> Generation:
+def replay_merges(prompt_token_ids: list[int], output_token_ids: list[int], policy: MergePolicy, dynamic: bool,
+                  output_confidences: list[float] = ()) -> Generation:
     """The compressed sequence that merging produces for these raw tokens, without running a model.
 
-    Merges depend only on the raw tokens, so this rebuilds what an engine did from its output
-    (for ``vllm-umim generate --engine vllm`` and for checking engine figures).
+    Merges depend only on the raw tokens (and, for a confidence-gated policy, on the sampled
+    tokens' probabilities: without ``output_confidences`` such a policy merges nothing at decode),
+    so this rebuilds what an engine did from its output (for ``vllm-umim generate --engine vllm``
+    and for checking engine figures).
     """
     elements = merge_prompt(prompt_token_ids, policy)
     result = Generation(list(prompt_token_ids), list(output_token_ids), elements, len(elements))
     result.prefill_merges = sum(e.merged for e in elements)
-    for token in output_token_ids[:-1]:  # the last token is never fed back
+    for i, token in enumerate(output_token_ids[:-1]):  # the last token is never fed back
         elements.append(Element((token,)))
-        if dynamic and merge_after_token(elements, policy):
+        if dynamic and merge_after_token(elements, policy, output_confidences[: i + 1]):
             result.decode_merges += 1
     if output_token_ids:
         elements.append(Element((output_token_ids[-1],)))

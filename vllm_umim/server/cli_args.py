@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from vllm_umim.engine.config import CONFIG_KEY, DEFAULT_TABLE_BUDGET_MIB, MODES, UmimConfig
+from vllm_umim.engine.config import CONFIG_KEY, DEFAULT_TABLE_BUDGET_MIB, UmimConfig
+from vllm_umim.policies.settings import MODES
 from vllm_umim.errors import UmimError
 
-FLAGS = {"umim_rules": "rules", "umim_module": "module", "umim_mode": "mode", "umim_table_budget_mib": "table_budget_mib"}
+FLAGS = {
+    "umim_rules": "rules", "umim_module": "module", "umim_mode": "mode", "umim_window": "window",
+    "umim_min_confidence": "min_confidence", "umim_max_window": "max_window", "umim_table_budget_mib": "table_budget_mib",
+}
 
 
 def add_umim_arguments(parser) -> None:
@@ -28,6 +32,13 @@ def add_umim_arguments(parser) -> None:
         help="merge module file (default: module.safetensors beside the rules); 'mean' = untrained baseline",
     )
     group.add_argument("--umim-mode", default=None, choices=MODES, help="dynamic (prompt and decode merging, default) or prompt")
+    group.add_argument("--umim-window", default=None, type=int,
+                       help="raw recent window: the newest W tokens are never merged (default 0)")
+    group.add_argument("--umim-min-confidence", default=None, type=float,
+                       help="merge a generated span only if each of its tokens was sampled with at least this "
+                       "probability (default 0: off)")
+    group.add_argument("--umim-max-window", default=None, type=int,
+                       help="largest window a request may ask for with vllm_xargs umim_window (default: --umim-window)")
     group.add_argument(
         "--umim-table-budget-mib",
         default=None,
