@@ -94,7 +94,8 @@ def test_prompt_builders_are_deterministic_and_non_empty(kind):
     for p in first:
         assert p.token_ids == tokenizer(p.text, add_special_tokens=False)["input_ids"] or kind == "wiki"
     if kind == "wiki":
-        assert {len(p.token_ids) for p in first} == {96}
+        assert all(72 < len(p.token_ids) <= 96 for p in first)
+        assert all(not p.text[-1].isspace() for p in first)
     if kind == "chat":
         assert all(p.text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\n" in p.text for p in first)
         assert {p.source for p in first} == {"arc_easy", "arc_challenge", "openbookqa", "piqa", "instruction"}

@@ -173,11 +173,10 @@ def _examples(tokenizer, prompts, continuations, bf16_continuations) -> dict:
     for kind, ps in prompts.items():
         examples[kind] = []
         for i, p in enumerate(ps[:EXAMPLES_PER_KIND]):
-            example = {"prompt": p.text}
-            example.update({name: tokenizer.decode(c[kind][i].token_ids) for name, c in continuations.items()})
+            texts = {name: tokenizer.decode(c[kind][i].token_ids) for name, c in continuations.items()}
             if bf16_continuations is not None:
-                example["bf16"] = tokenizer.decode(bf16_continuations[kind][i].token_ids)
-            examples[kind].append(example)
+                texts["bf16 (stock)"] = tokenizer.decode(bf16_continuations[kind][i].token_ids)
+            examples[kind].append({"prompt": p.text, "continuations": texts})
     return examples
 
 

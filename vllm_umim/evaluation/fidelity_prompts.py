@@ -1,7 +1,7 @@
 """Prompts of the fidelity suite (issue 13): three kinds of text, built offline and deterministically.
 
 * ``wiki``: held-out Wikipedia (``heldout.txt`` of ``fetch_corpus("wiki")``), the first
-  ``WIKI_PROMPT_TOKENS`` tokens of each article long enough; the in-domain case, since the rules
+  ``WIKI_PROMPT_TOKENS`` tokens or a few less (cut where a new word starts) of each article long enough; the in-domain case, since the rules
   were mined on the other 90 % of the same corpus (paper §3.1).
 * ``chat``: questions and instructions through the model's chat template
   (``apply_chat_template(..., add_generation_prompt=True)``), drawn in turn from ARC-Easy,
@@ -72,9 +72,21 @@ def _heldout_documents() -> list[str]:
 def _wiki_prompts(tokenizer) -> Iterator[FidelityPrompt]:
     for document in _heldout_documents():
         ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-        if len(ids) >= WIKI_PROMPT_TOKENS:
-            ids = ids[:WIKI_PROMPT_TOKENS]
+        end = _word_boundary(tokenizer, ids, WIKI_PROMPT_TOKENS)
+        if end:
+            ids = ids[:end]
             yield FidelityPrompt("wiki", "wiki", tokenizer.decode(ids), ids)
+
+
+def _word_boundary(tokenizer, ids: list[int], limit: int) -> int:
+    """The largest cut ``end <= limit`` (and above ``limit * 3 / 4``) after which a new word
+    starts, so the prompt ends on a whole word as a user's would; 0 if the document is too short
+    or has none. (Cut mid-word, the model's next token completes the word, and a rule merged at
+    the prompt's end hides the unfinished word.)"""
+    for end in range(min(limit, len(ids) - 1), limit * 3 // 4, -1):
+        if tokenizer.decode(ids[end : end + 1])[:1].isspace():
+            return end
+    return 0
 
 
 def _chat_prompts(tokenizer) -> Iterator[FidelityPrompt]:
