@@ -133,7 +133,7 @@ def generate_continuations(llm, prompt_token_ids: Sequence[Sequence[int]], umim_
     """One batch of greedy continuations of the token prompts."""
     from vllm.inputs import TokensPrompt
 
-    from vllm_umim.engine.stats import merge_stats
+    from vllm_umim import merge_stats  # the public per-request figures (users read them the same way)
 
     outputs = llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids],
                            sampling_params(umim_choice, max_tokens), use_tqdm=False)
