@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from functools import lru_cache
 
@@ -112,3 +113,19 @@ def test_default_count_is_at_least_100_per_kind():
 def test_unknown_kind_is_a_clear_error():
     with pytest.raises(PromptKindError, match="unknown prompt kind"):
         build_prompts("poetry", _tokenizer(), 3)
+
+
+def test_cached_bf16_line_is_reused_only_for_the_same_model_length_and_prompts(tmp_path):
+    from vllm_umim.evaluation.fidelity_cli import _cached_bf16_line
+
+    run = {"model": "m", "max_tokens": 32, "prompts": {"wiki": {"digest": "abc"}}}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({**run, "bf16": {"wiki": {"equal_share": 0.5}, "chat": {}}}))
+    assert _cached_bf16_line(earlier, run) == {"wiki": {"equal_share": 0.5}}
+    with pytest.raises(FidelityArgumentError, match="prompts differ"):
+        _cached_bf16_line(earlier, {**run, "prompts": {"wiki": {"digest": "other"}}})
+    with pytest.raises(FidelityArgumentError, match="max_tokens"):
+        _cached_bf16_line(earlier, {**run, "max_tokens": 16})
+    earlier.write_text(json.dumps(run))
+    with pytest.raises(FidelityArgumentError, match="no bf16 line"):
+        _cached_bf16_line(earlier, run)
