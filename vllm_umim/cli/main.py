@@ -119,6 +119,12 @@ def cmd_eval(args) -> None:
     run_eval(args)
 
 
+def cmd_fidelity(args) -> None:
+    from vllm_umim.evaluation.fidelity_cli import run_fidelity
+
+    run_fidelity(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-umim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="alignment metrics, token reduction, two-stage PPL and QA of a merge module")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    from vllm_umim.evaluation.fidelity_cli import add_fidelity_arguments
+
+    p = sub.add_parser("fidelity", help="greedy continuations through vLLM: UMIM on vs off, beside stock bf16 vs fp32")
+    add_fidelity_arguments(p)
+    p.set_defaults(func=cmd_fidelity)
     __import__("vllm_umim.cli.bench", fromlist=["add_bench_parser"]).add_bench_parser(sub)
     return parser
 
