@@ -119,6 +119,12 @@ def cmd_eval(args) -> None:
     run_eval(args)
 
 
+def cmd_score_rules(args) -> None:
+    from vllm_umim.evaluation.rule_harm_cli import run_score_rules
+
+    run_score_rules(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-umim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="alignment metrics, token reduction, two-stage PPL and QA of a merge module")
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
+    from vllm_umim.cli.select_rules import add_select_rules_parser
+    from vllm_umim.evaluation.rule_harm_cli import add_score_rules_arguments
+
+    p = sub.add_parser("score-rules", help="score each rule by the harm (KL at its App. C row) of its merge (issue 13)")
+    add_score_rules_arguments(p)
+    p.set_defaults(func=cmd_score_rules)
+    add_select_rules_parser(sub)
     __import__("vllm_umim.cli.bench", fromlist=["add_bench_parser"]).add_bench_parser(sub)
     return parser
 
