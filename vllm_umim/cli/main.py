@@ -68,6 +68,14 @@ def cmd_inspect(args) -> None:
     shown = {k: v for k, v in header.items() if k not in ("tables",)}
     print(json.dumps(shown, indent=2))
     print(rules.summary())
+    if rules.scored:
+        import numpy as np
+
+        harm = rules.harm_scores()
+        scored = harm[~np.isnan(harm)]
+        quartiles = np.percentile(scored, [25, 50, 75]).round(4).tolist() if len(scored) else []
+        print(f"harm scores: {len(scored)} of {len(rules)} rules scored on {int(rules.harm_count_by_rule().sum())} merges; "
+              f"quartiles {quartiles}")
     for n in rules.lengths:
         order = rules.counts[n].argsort()[::-1][: args.examples]
         print(f"most frequent {n}-grams:")
