@@ -32,8 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vllm_umim.module.batches import check_alignment, collate, segment
-from vllm_umim.module.batches import student_embeddings
+from vllm_umim.module.batches import check_alignment, collate, segment, student_embeddings
 from vllm_umim.policies import Segmentation
 from vllm_umim.rules import RuleSet
 
@@ -63,7 +62,7 @@ class HarmTotals:
         """(harm float32 [R], NaN where never seen; harm_count uint32 [R])."""
         with np.errstate(invalid="ignore", divide="ignore"):
             harm = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
-        return np.maximum(harm, 0).astype(np.float32), self.counts.astype(np.uint32)
+        return harm.astype(np.float32), self.counts.astype(np.uint32)
 
 
 def aligned_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
