@@ -109,3 +109,13 @@ def test_max_harm_for_merge_share():
     assert max_harm_for_merge_share(rules, counts, 1.0) == pytest.approx(3.0)
     keep = select_by_harm(rules, max_harm_for_merge_share(rules, counts, 0.75))
     assert sum(counts[rules.rule_ids[t]] for t in kept_tokens(keep)) >= 75
+
+
+def test_min_count_treats_rarely_scored_rules_as_unscored():
+    rules = make_ruleset(RULES).with_harm(HARM, np.array([9, 1, 9, 0, 2, 9], np.uint32))
+    # (3, 4) harm 2.0 on 1 merge and (1, 2, 3) harm 3.0 on 2 merges are not trusted with min_count 3
+    assert kept_tokens(select_by_harm(rules, 0.2, min_count=3)) == {(1, 2), (3, 4), (7, 8), (1, 2, 3)}
+    assert kept_tokens(select_by_harm(rules, 0.2, unscored="drop", min_count=3)) == {(1, 2)}
+    assert harm_order(rules, min_count=3).tolist() == [5, 2, 0]
+    selected = select_for_target_tr(rules, 0.3, TEXT, min_count=3)
+    assert (1, 2, 3) in kept_tokens(selected) and selected.meta["selection"]["min_count"] == 3

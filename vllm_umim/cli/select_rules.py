@@ -23,6 +23,8 @@ def add_select_rules_parser(sub) -> None:
     p.add_argument("--model", help="model folder whose tokenizer reads --corpus (checked against the rules)")
     p.add_argument("--documents", type=int, default=None, help="use the first N documents of --corpus")
     p.add_argument("--unscored", choices=("keep", "drop"), default="keep")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="treat rules scored on fewer merges as unscored (a single occurrence's harm is noisy)")
     p.add_argument("-o", "--output", required=True, type=Path)
     p.set_defaults(func=run_select_rules)
 
@@ -47,9 +49,9 @@ def run_select_rules(args: argparse.Namespace) -> None:
     if args.target_tr is not None:
         if sequences is None:
             raise SelectionError("--target-tr needs --corpus and --model (TR is measured on that text)")
-        selected = select_for_target_tr(rules, args.target_tr, sequences, args.unscored)
+        selected = select_for_target_tr(rules, args.target_tr, sequences, args.unscored, args.min_count)
     else:
-        selected = select_by_harm(rules, args.max_harm, args.unscored)
+        selected = select_by_harm(rules, args.max_harm, args.unscored, args.min_count)
     save_rules(selected, args.output)
     print(f"kept {len(selected)} of {len(rules)} rules ({100 * len(selected) / max(len(rules), 1):.1f} %): "
           f"{selected.meta['selection']}")

@@ -13,6 +13,9 @@ The paper's own selection is mining's frequency threshold plus its hierarchical 
 (§3.1, pseudocode 1; ``vllm_umim.rules.mining``). TR here is measured with the greedy-longest
 segmentation the engine uses (pseudocode 3, ``RuleSet.find_spans``), so dropping a rule can let
 a shorter or overlapping rule merge in its place: TR is measured, never estimated from counts.
+
+``min_count`` treats a rule scored on fewer occurrences as unscored: one occurrence's KL depends
+on its context as much as on the rule (on the shipped rules most scored rules were seen once).
 """
 
 from __future__ import annotations
@@ -55,10 +58,17 @@ def _selection_meta(rules: RuleSet, keep: np.ndarray, **criterion) -> dict:
                           "kept": int(keep.sum()), **criterion}}
 
 
-def harm_keep_mask(rules: RuleSet, max_harm: float, unscored: str = "keep") -> np.ndarray:
+def trusted_harm(rules: RuleSet, min_count: int = 1) -> np.ndarray:
+    """float32 [len(rules)]: harm scores, NaN where unscored or scored on fewer than ``min_count`` merges."""
+    harm = rules.harm_scores()
+    harm[rules.harm_count_by_rule() < max(min_count, 1)] = np.nan
+    return harm
+
+
+def harm_keep_mask(rules: RuleSet, max_harm: float, unscored: str = "keep", min_count: int = 1) -> np.ndarray:
     """bool [len(rules)]: harm <= ``max_harm``, unscored rules kept or dropped as asked."""
     _check(rules, unscored)
-    harm = rules.harm_scores()
+    harm = trusted_harm(rules, min_count)
     scored = ~np.isnan(harm)
     keep = np.zeros(len(rules), bool)
     keep[scored] = harm[scored] <= max_harm
@@ -66,20 +76,22 @@ def harm_keep_mask(rules: RuleSet, max_harm: float, unscored: str = "keep") -> n
     return keep
 
 
-def select_by_harm(rules: RuleSet, max_harm: float, unscored: str = "keep") -> RuleSet:
+def select_by_harm(rules: RuleSet, max_harm: float, unscored: str = "keep", min_count: int = 1) -> RuleSet:
     """The rules whose harm is at most ``max_harm``; unscored rules are kept or dropped."""
-    keep = harm_keep_mask(rules, max_harm, unscored)
-    return rules.subset(keep, _selection_meta(rules, keep, max_harm=float(max_harm), unscored=unscored))
+    keep = harm_keep_mask(rules, max_harm, unscored, min_count)
+    return rules.subset(keep, _selection_meta(rules, keep, max_harm=float(max_harm), unscored=unscored,
+                                              min_count=min_count))
 
 
-def harm_order(rules: RuleSet) -> np.ndarray:
+def harm_order(rules: RuleSet, min_count: int = 1) -> np.ndarray:
     """Scored rule ids, most harmful first (ties: lower rule id first)."""
-    harm = rules.harm_scores()
+    harm = trusted_harm(rules, min_count)
     scored = np.flatnonzero(~np.isnan(harm))
     return scored[np.lexsort((scored, -harm[scored]))]
 
 
-def select_for_target_tr(rules: RuleSet, target_tr: float, sequences: list[list[int]], unscored: str = "keep") -> RuleSet:
+def select_for_target_tr(rules: RuleSet, target_tr: float, sequences: list[list[int]], unscored: str = "keep",
+                         min_count: int = 1) -> RuleSet:
     """Drop the most harmful scored rules until TR on ``sequences`` is at most ``target_tr``.
 
     Finds the fewest drops ``k`` (bisection over the harm order) with TR <= target; TR is
@@ -88,8 +100,8 @@ def select_for_target_tr(rules: RuleSet, target_tr: float, sequences: list[list[
     first). Raises SelectionError if even dropping every scored rule leaves TR above target.
     """
     _check(rules, unscored)
-    base = ~np.isnan(rules.harm_scores()) | (unscored == "keep")
-    order = harm_order(rules)
+    base = ~np.isnan(trusted_harm(rules, min_count)) | (unscored == "keep")
+    order = harm_order(rules, min_count)
 
     def keep_after(k: int) -> np.ndarray:
         keep = base.copy()
@@ -103,7 +115,7 @@ def select_for_target_tr(rules: RuleSet, target_tr: float, sequences: list[list[
     if tr_after(hi) > target_tr:
         raise SelectionError(
             f"target TR {target_tr:.4f} is out of reach: with all {len(order)} scored rules dropped TR is "
-            f"{tr_after(hi):.4f} (unscored={unscored!r})"
+            f"{tr_after(hi):.4f} (unscored={unscored!r}, min_count={min_count})"
         )
     if tr_after(lo) <= target_tr:
         hi = lo
@@ -112,7 +124,7 @@ def select_for_target_tr(rules: RuleSet, target_tr: float, sequences: list[list[
         lo, hi = (mid, hi) if tr_after(mid) > target_tr else (lo, mid)
     keep = keep_after(hi)
     return rules.subset(keep, _selection_meta(rules, keep, target_tr=float(target_tr), dropped_by_harm=hi,
-                                              unscored=unscored))
+                                              unscored=unscored, min_count=min_count))
 
 
 def max_harm_for_merge_share(rules: RuleSet, per_rule_merges: np.ndarray, share: float) -> float:
