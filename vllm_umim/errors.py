@@ -20,3 +20,7 @@ class MismatchError(UmimError):
 class AlignmentError(RuntimeError):
     """A segmentation, or the teacher/student rows of a batch, disagree (App. C: never align
     silently). An internal consistency error, not bad user input."""
+
+
+class SelectionError(UmimError):
+    """A rule selection cannot be made as asked (no harm scores, a target out of reach)."""

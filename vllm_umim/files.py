@@ -1,9 +1,10 @@
-"""Writing the artifacts the tools produce (module files, checkpoints, teacher caches, model folders).
+"""Writing the artifacts the tools produce (rules files, module files, checkpoints, teacher caches, model folders).
 
 ``safetensors`` creates its files owner-only (mode 0600), so a server running as another user could
 not read the module it was given. Every safetensors file here is written through
 :func:`save_safetensors`: atomically (a temporary file, then a rename) and with the user's normal
-file mode (0666 less the umask), like any file the user writes.
+file mode (0666 less the umask), like any file the user writes. Other binary files (rules.bin) go
+through :func:`write_bytes_atomic`, which does the same.
 """
 
 from __future__ import annotations
@@ -25,5 +26,14 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, normal_file_mode())
+    tmp.replace(path)
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place, in the normal file mode."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     os.chmod(tmp, normal_file_mode())
     tmp.replace(path)

@@ -72,3 +72,27 @@ def test_generate_with_the_engine_prints_results_only_on_stdout(model_dir):
     assert "INFO" not in result.stdout and "WARNING" not in result.stdout
     assert "INFO" in result.stderr  # vLLM's log went to stderr
     assert re.match(r"\d+ raw tokens -> \d+ positions", summary)
+
+
+def test_score_and_select_rules(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The United States of America is a country in North America.\n" * 12)
+    module = ROOT / "artifacts" / "smollm2-135m" / "module.safetensors"
+    scored = tmp_path / "scored.bin"
+    out = vllm_umim("score-rules", "--model", model_dir, "--rules", RULES, "--module", module, "--corpus", corpus,
+                    "--windows", 2, "--seq-len", 32, "--heldout", corpus, "--no-progress", "-o", scored).stdout
+    assert "held-out:" in out and "most harmful frequent rules" in out
+    rules = load_rules(scored)
+    assert rules.scored and rules.fingerprint == load_rules(RULES).fingerprint
+    assert "harm scores:" in vllm_umim("inspect", scored).stdout
+    kept = vllm_umim("select-rules", "--rules", scored, "--max-harm", 0.5, "--unscored", "drop", "-o", tmp_path / "k.bin").stdout
+    assert re.search(r"kept \d+ of 48187 rules", kept)
+    tr = vllm_umim("select-rules", "--rules", scored, "--target-tr", 0.1, "--unscored", "drop", "--model", model_dir, "--corpus", corpus,
+                   "-o", tmp_path / "t.bin").stdout
+    before, after = map(float, re.search(r"TR ([\d.]+) % -> ([\d.]+) %", tr).groups())
+    assert after <= 10.0 < before
+    out_of_reach = vllm_umim("select-rules", "--rules", scored, "--target-tr", 0.1, "--model", model_dir, "--corpus", corpus,
+                             "-o", tmp_path / "u.bin", check=False)  # the unscored rules alone merge more
+    assert out_of_reach.returncode == 2 and "out of reach" in out_of_reach.stderr
+    refused = vllm_umim("select-rules", "--rules", RULES, "--max-harm", 1, "-o", tmp_path / "x.bin", check=False)
+    assert refused.returncode == 2 and "no harm scores" in refused.stderr

@@ -68,6 +68,14 @@ def cmd_inspect(args) -> None:
     shown = {k: v for k, v in header.items() if k not in ("tables",)}
     print(json.dumps(shown, indent=2))
     print(rules.summary())
+    if rules.scored:
+        import numpy as np
+
+        harm = rules.harm_scores()
+        scored = harm[~np.isnan(harm)]
+        quartiles = np.percentile(scored, [25, 50, 75]).round(4).tolist() if len(scored) else []
+        print(f"harm scores: {len(scored)} of {len(rules)} rules scored on {int(rules.harm_count_by_rule().sum())} merges; "
+              f"quartiles {quartiles}")
     for n in rules.lengths:
         order = rules.counts[n].argsort()[::-1][: args.examples]
         print(f"most frequent {n}-grams:")
@@ -123,6 +131,12 @@ def cmd_fidelity(args) -> None:
     from vllm_umim.evaluation.fidelity_cli import run_fidelity
 
     run_fidelity(args)
+
+
+def cmd_score_rules(args) -> None:
+    from vllm_umim.evaluation.rule_harm_cli import run_score_rules
+
+    run_score_rules(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fidelity", help="greedy continuations through vLLM: UMIM on vs off, beside stock bf16 vs fp32")
     add_fidelity_arguments(p)
     p.set_defaults(func=cmd_fidelity)
+
+    from vllm_umim.cli.select_rules import add_select_rules_parser
+    from vllm_umim.evaluation.rule_harm_cli import add_score_rules_arguments
+
+    p = sub.add_parser("score-rules", help="score each rule by the harm (KL at its App. C row) of its merge (issue 13)")
+    add_score_rules_arguments(p)
+    p.set_defaults(func=cmd_score_rules)
+    add_select_rules_parser(sub)
     __import__("vllm_umim.cli.bench", fromlist=["add_bench_parser"]).add_bench_parser(sub)
     return parser
 

@@ -20,6 +20,17 @@ def token_reduction(rules, sequences: list[list[int]]) -> float:
     return 1.0 - merged / raw if raw else 0.0
 
 
+def tokenized_documents(tokenizer, corpus: str | Path, max_documents: int | None = None) -> list[list[int]]:
+    """The non-empty documents of a one-document-per-line corpus, tokenized (no special tokens)."""
+    from vllm_umim.data.corpus import read_documents
+
+    docs = read_documents(corpus)[:max_documents]
+    out = []
+    for i in range(0, len(docs), 256):
+        out += [ids for ids in tokenizer(docs[i : i + 256], add_special_tokens=False)["input_ids"] if ids]
+    return out
+
+
 def corpus_token_reduction(rules, tokenizer, corpus: str | Path, max_documents: int | None = None) -> dict:
     """TR of a one-document-per-line corpus, each document merged on its own."""
     from vllm_umim.data.corpus import read_documents

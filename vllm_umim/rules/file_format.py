@@ -3,11 +3,18 @@
 Layout (little-endian)::
 
     offset 0   magic      8 bytes  b"UMIMRULE"
-    offset 8   version    uint32   (1)
+    offset 8   version    uint32   (2; version 1 files are still read)
     offset 12  header_len uint32
     offset 16  header     JSON, utf-8, space-padded so the payload starts 64-byte aligned
     payload    per n in header["tables"]: ngrams int32 [count, n], then counts uint32 [count],
+               then, in a scored file, harm float32 [count] and harm_count uint32 [count],
                each table at the 64-byte aligned offset the header gives (relative to payload)
+
+Version 2 (issue 13) adds the optional harm tables: a scored file lists ``harm_offset`` and
+``harm_count_offset`` in every table entry (an unscored file in none). Harm is the rule's mean
+KL divergence (``vllm_umim.evaluation.rule_harm``): NaN with count 0 = not scored; a negative
+or infinite harm, or NaN beside a non-zero count, is refused. A version-1 file has no harm
+tables and loads unscored. Rule ids and their order are the same in both versions.
 
 The header names the tokenizer fingerprint, vocab size, n range, threshold, counts per n, the
 tables' offsets and the sha256 of the payload, so a truncated, corrupted or foreign file is
@@ -25,10 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from vllm_umim.errors import RulesFileError
-from vllm_umim.rules.ruleset import MAX_SPAN, RuleSet
+from vllm_umim.files import write_bytes_atomic
+from vllm_umim.rules.ruleset import MAX_SPAN, RuleSet, harm_problem
 
 MAGIC = b"UMIMRULE"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_HARM_KEYS = ("harm_offset", "harm_count_offset")
 ALIGN = 64
 _PREFIX = struct.Struct("<8sII")
 
@@ -38,19 +48,32 @@ def _align(offset: int) -> int:
 
 
 def save_rules(rules: RuleSet, path: str | Path) -> None:
-    """Write ``rules`` to ``path`` (atomically: a temp file renamed into place)."""
+    """Write ``rules`` to ``path`` (atomically: a temp file renamed into place, normal file mode)."""
+    write_bytes_atomic(encode_rules(rules), path)
+
+
+def encode_rules(rules: RuleSet) -> bytes:
+    """The bytes of a version-2 rules file holding ``rules`` (with its harm tables if scored)."""
     payload = bytearray()
+
+    def append(array: np.ndarray) -> int:
+        payload.extend(b"\0" * (_align(len(payload)) - len(payload)))
+        offset = len(payload)
+        payload.extend(array.tobytes())
+        return offset
+
     tables = []
     for n in rules.lengths:
-        grams = np.ascontiguousarray(rules.ngrams[n], dtype="<i4")
-        counts = np.ascontiguousarray(rules.counts[n], dtype="<u4")
-        payload += b"\0" * (_align(len(payload)) - len(payload))
-        ngrams_offset = len(payload)
-        payload += grams.tobytes()
-        payload += b"\0" * (_align(len(payload)) - len(payload))
-        counts_offset = len(payload)
-        payload += counts.tobytes()
-        tables.append({"n": n, "count": len(grams), "ngrams_offset": ngrams_offset, "counts_offset": counts_offset})
+        table = {
+            "n": n,
+            "count": rules.count(n),
+            "ngrams_offset": append(np.ascontiguousarray(rules.ngrams[n], dtype="<i4")),
+            "counts_offset": append(np.ascontiguousarray(rules.counts[n], dtype="<u4")),
+        }
+        if rules.scored:
+            table["harm_offset"] = append(np.ascontiguousarray(rules.harm[n], dtype="<f4"))
+            table["harm_count_offset"] = append(np.ascontiguousarray(rules.harm_counts[n], dtype="<u4"))
+        tables.append(table)
     header = {
         "format": "umim-rules",
         "tokenizer_fingerprint": rules.tokenizer_fingerprint,
@@ -59,6 +82,7 @@ def save_rules(rules: RuleSet, path: str | Path) -> None:
         "max_n": rules.max_n,
         "threshold": rules.threshold,
         "counts": {str(n): rules.count(n) for n in rules.lengths},
+        "scored": rules.scored,
         "tables": tables,
         "payload_size": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
@@ -66,17 +90,12 @@ def save_rules(rules: RuleSet, path: str | Path) -> None:
     }
     header_bytes = json.dumps(header, sort_keys=True).encode()
     header_bytes += b" " * (_align(_PREFIX.size + len(header_bytes)) - _PREFIX.size - len(header_bytes))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_PREFIX.pack(MAGIC, VERSION, len(header_bytes)))
-        f.write(header_bytes)
-        f.write(payload)
-    tmp.replace(path)
+    return _PREFIX.pack(MAGIC, VERSION, len(header_bytes)) + header_bytes + bytes(payload)
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
-    """Parse and check the fixed prefix and JSON header; return (header, payload offset)."""
+    """Parse and check the fixed prefix and JSON header; return (header, payload offset). The
+    file's format version is put in the returned header as ``"version"``."""
     path = Path(path)
     if not path.is_file():
         raise RulesFileError(f"rules file {path} does not exist")
@@ -87,8 +106,11 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         magic, version, header_len = _PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise RulesFileError(f"{path} is not a UMIM rules file (magic {magic!r}, expected {MAGIC!r})")
-        if version != VERSION:
-            raise RulesFileError(f"{path} has rules format version {version}; this vllm_umim reads version {VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise RulesFileError(
+                f"{path} has rules format version {version}; this vllm_umim reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (a newer vllm_umim may have written it)"
+            )
         raw = f.read(header_len)
     if len(raw) < header_len:
         raise RulesFileError(f"{path} is truncated inside its header")
@@ -100,6 +122,7 @@ def read_header(path: str | Path) -> tuple[dict, int]:
             raise ValueError("format field is not 'umim-rules'")
     except (ValueError, RecursionError) as exc:
         raise RulesFileError(f"{path} has a corrupted header: {exc}") from None
+    header["version"] = version
     return header, _PREFIX.size + header_len
 
 
@@ -121,9 +144,22 @@ def _int_field(obj: dict, key: str, lo: int, hi: int, where: str, path: Path) ->
     return value
 
 
-def _read_table(data, table, index: int, vocab_size: int, path: Path) -> tuple[int, np.ndarray, np.ndarray]:
+def _table_array(data, n: int, name: str, offset: int, dtype: str, shape: tuple, path: Path) -> np.ndarray:
+    """One array of a table, bounds- and alignment-checked against the payload."""
+    size = 4 * int(np.prod(shape))
+    if offset % 4 or offset + size > len(data):
+        raise RulesFileError(
+            f"{path} has a corrupted header: the {n}-gram {name} table (bytes {offset}..{offset + size}) "
+            f"is misaligned or outside the {len(data)}-byte payload"
+        )
+    return np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape)
+
+
+def _read_table(data, table, index: int, vocab_size: int, version: int, path: Path) -> dict:
     """One n-gram table, checked: in bounds, token ids in the vocabulary, rows sorted and unique
-    (the matcher's hash index refuses duplicates; readers may binary-search the tables)."""
+    (the matcher's hash index refuses duplicates; readers may binary-search the tables), and the
+    harm tables, where present, legal (:func:`harm_problem`).
+    Returns {"n", "ngrams", "counts"} plus {"harm", "harm_counts"} for a scored table."""
     where = f"tables[{index}]."
     if not isinstance(table, dict):
         raise RulesFileError(f"{path} has a corrupted header: {where[:-1]} is {table!r}, expected an object")
@@ -131,14 +167,8 @@ def _read_table(data, table, index: int, vocab_size: int, path: Path) -> tuple[i
     count = _int_field(table, "count", 0, len(data), where, path)
     ngrams_offset = _int_field(table, "ngrams_offset", 0, len(data), where, path)
     counts_offset = _int_field(table, "counts_offset", 0, len(data), where, path)
-    for name, offset, size in (("ngrams", ngrams_offset, 4 * n * count), ("counts", counts_offset, 4 * count)):
-        if offset % 4 or offset + size > len(data):
-            raise RulesFileError(
-                f"{path} has a corrupted header: the {n}-gram {name} table (bytes {offset}..{offset + size}) "
-                f"is misaligned or outside the {len(data)}-byte payload"
-            )
-    grams = np.frombuffer(data, "<i4", count * n, ngrams_offset).reshape(count, n).astype(np.int32)
-    counts = np.frombuffer(data, "<u4", count, counts_offset).astype(np.uint32)
+    grams = _table_array(data, n, "ngrams", ngrams_offset, "<i4", (count, n), path).astype(np.int32)
+    counts = _table_array(data, n, "counts", counts_offset, "<u4", (count,), path).astype(np.uint32)
     if count and (grams.min() < 0 or grams.max() >= vocab_size):
         raise RulesFileError(f"{path} has {n}-gram token ids outside the vocabulary of {vocab_size}")
     if count > 1:
@@ -153,7 +183,23 @@ def _read_table(data, table, index: int, vocab_size: int, path: Path) -> tuple[i
                 f"{path} has a corrupted {n}-gram table: rows {bad} and {bad + 1} are duplicated or out of order "
                 f"({grams[bad].tolist()}, {grams[bad + 1].tolist()})"
             )
-    return n, grams, counts
+    out = {"n": n, "ngrams": grams, "counts": counts}
+    present = [key for key in _HARM_KEYS if key in table]
+    if present and version < 2:
+        raise RulesFileError(f"{path} is a version-1 rules file but {where}{present[0]} names a harm table")
+    if present and len(present) < len(_HARM_KEYS):
+        missing = next(key for key in _HARM_KEYS if key not in table)
+        raise RulesFileError(f"{path} has a corrupted header: {where}{present[0]} is given but {where}{missing} is not")
+    if present:
+        harm_offset = _int_field(table, "harm_offset", 0, len(data), where, path)
+        harm_count_offset = _int_field(table, "harm_count_offset", 0, len(data), where, path)
+        harm = _table_array(data, n, "harm", harm_offset, "<f4", (count,), path).astype(np.float32)
+        harm_counts = _table_array(data, n, "harm_count", harm_count_offset, "<u4", (count,), path).astype(np.uint32)
+        problem = harm_problem(harm, harm_counts)
+        if problem:
+            raise RulesFileError(f"{path} has illegal {n}-gram harm scores: {problem}")
+        out.update(harm=harm, harm_counts=harm_counts)
+    return out
 
 
 def load_rules(path: str | Path) -> RuleSet:
@@ -184,12 +230,22 @@ def _load_payload(path: Path, header: dict, payload_offset: int) -> RuleSet:
         raise RulesFileError(f"{path} is truncated or padded: payload is {len(data)} bytes, header says {payload_size}")
     if hashlib.sha256(data).hexdigest() != payload_sha256:
         raise RulesFileError(f"{path} is corrupted: payload checksum does not match its header")
-    ngrams, counts = {}, {}
+    ngrams, counts, harm, harm_counts = {}, {}, {}, {}
     for index, table in enumerate(tables):
-        n, grams, table_counts = _read_table(data, table, index, vocab_size, path)
+        read = _read_table(data, table, index, vocab_size, header["version"], path)
+        n = read["n"]
         if n in ngrams:
             raise RulesFileError(f"{path} has a corrupted header: two tables of {n}-grams")
-        ngrams[n], counts[n] = grams, table_counts
+        ngrams[n], counts[n] = read["ngrams"], read["counts"]
+        if "harm" in read:
+            harm[n], harm_counts[n] = read["harm"], read["harm_counts"]
+    scored = header.get("scored", False)
+    if not isinstance(scored, bool) or (scored and header["version"] < 2):
+        raise RulesFileError(f"{path} has a corrupted header: scored is {scored!r}, expected a bool (version 2 only)")
+    if len(harm) != (len(ngrams) if scored else 0):
+        raise RulesFileError(
+            f"{path} has an inconsistent header: scored is {scored}, but {len(harm)} of its {len(ngrams)} tables have harm tables"
+        )
     # The summary fields must agree with the tables (``vllm-umim inspect`` prints them).
     lengths = sorted(ngrams)
     expected = {
@@ -207,4 +263,6 @@ def _load_payload(path: Path, header: dict, payload_offset: int) -> RuleSet:
         ngrams=ngrams,
         counts=counts,
         meta=meta,
+        harm=harm if scored else None,
+        harm_counts=harm_counts if scored else None,
     )

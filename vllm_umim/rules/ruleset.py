@@ -3,12 +3,17 @@
 Rule ids are dense: all 2-grams (sorted lexicographically), then all 3-grams, then all 4-grams.
 The engine represents a merged span in a compressed sequence as the virtual token id
 ``vocab_size + rule_id``, so a rule id is part of the engine's token space.
+
+A rule set may carry *harm scores* (issue 13, ``vllm_umim.evaluation.rule_harm``): per rule the
+mean KL divergence its merge causes at the aligned rows of App. C, and the number of occurrences
+it was scored on. NaN harm (with count 0) means "not scored". Scores never change rule ids or the
+rules' fingerprint: a scored file is the same rule set, usable with the same merge module.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -17,6 +22,24 @@ import torch
 from vllm_umim.errors import MismatchError
 
 MAX_SPAN = 4  # the paper caps n at 4 (App. A, "Reasons for 2- to 4-grams")
+
+
+def harm_problem(harm: np.ndarray, counts: np.ndarray) -> str | None:
+    """What is wrong with a (harm float32, harm_count uint32) pair of tables, or None if they are
+    legal: harm is finite and >= 0 where scored (count >= 1), NaN exactly where count is 0."""
+    if harm.shape != counts.shape:
+        return f"harm has {harm.shape[0] if harm.ndim else 0} values but harm_count {counts.shape[0] if counts.ndim else 0}"
+    scored = ~np.isnan(harm)
+    if np.isinf(harm).any():
+        return f"harm of rule row {int(np.argmax(np.isinf(harm)))} is infinite"
+    if (harm[scored] < 0).any():
+        row = int(np.flatnonzero(scored)[np.argmax(harm[scored] < 0)])
+        return f"harm of rule row {row} is negative ({float(harm[row])})"
+    if (scored != (counts > 0)).any():
+        row = int(np.argmax(scored != (counts > 0)))
+        return (f"rule row {row} has harm {float(harm[row])} but harm_count {int(counts[row])} "
+                "(NaN harm means unscored and needs count 0; a score needs count >= 1)")
+    return None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -33,7 +56,9 @@ class RuleSet:
     """Merge rules mined for one tokenizer.
 
     ``ngrams[n]`` is an int32 array [count_n, n], unique rows sorted lexicographically;
-    ``counts[n]`` their corpus frequencies. ``meta`` carries how they were mined.
+    ``counts[n]`` their corpus frequencies. ``meta`` carries how they were mined (and selected).
+    ``harm[n]`` (float32, NaN = unscored) and ``harm_counts[n]`` (uint32) are the optional harm
+    scores, row for row beside ``ngrams[n]``; both None for an unscored rule set.
     """
 
     tokenizer_fingerprint: str
@@ -42,6 +67,8 @@ class RuleSet:
     ngrams: dict[int, np.ndarray]
     counts: dict[int, np.ndarray]
     meta: dict = field(default_factory=dict)
+    harm: dict[int, np.ndarray] | None = None
+    harm_counts: dict[int, np.ndarray] | None = None
 
     # ---- sizes and ids -------------------------------------------------------------------------
     @property
@@ -92,6 +119,66 @@ class RuleSet:
         digest = hashlib.sha256(self.tokenizer_fingerprint.encode())
         digest.update(self.padded.numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    # ---- harm scores (issue 13) ---------------------------------------------------------------
+    @property
+    def scored(self) -> bool:
+        return self.harm is not None
+
+    def harm_scores(self) -> np.ndarray:
+        """float32 [len(self)] by rule id: mean harm of each rule, NaN where unscored."""
+        if self.harm is None:
+            return np.full(len(self), np.nan, np.float32)
+        return np.concatenate([self.harm[n] for n in self.lengths] or [np.zeros(0)]).astype(np.float32)
+
+    def harm_count_by_rule(self) -> np.ndarray:
+        """uint32 [len(self)] by rule id: occurrences each rule's harm was measured on (0 = unscored)."""
+        if self.harm_counts is None:
+            return np.zeros(len(self), np.uint32)
+        return np.concatenate([self.harm_counts[n] for n in self.lengths] or [np.zeros(0)]).astype(np.uint32)
+
+    def with_harm(self, harm: np.ndarray, counts: np.ndarray, meta: dict | None = None) -> "RuleSet":
+        """A copy with harm scores attached (by rule id); ``meta`` entries are added to its meta.
+        Raises ValueError for illegal scores (see :func:`harm_problem`)."""
+        harm = np.asarray(harm, np.float32)
+        counts = np.asarray(counts, np.uint32)
+        if harm.shape != (len(self),):
+            raise ValueError(f"expected {len(self)} harm scores (one per rule), got shape {harm.shape}")
+        problem = harm_problem(harm, counts)
+        if problem:
+            raise ValueError(f"illegal harm scores: {problem}")
+        bounds = np.cumsum([0] + [self.count(n) for n in self.lengths])
+        by_n = {n: slice(bounds[i], bounds[i + 1]) for i, n in enumerate(self.lengths)}
+        return replace(
+            self,
+            meta={**self.meta, **(meta or {})},
+            harm={n: harm[s].copy() for n, s in by_n.items()},
+            harm_counts={n: counts[s].copy() for n, s in by_n.items()},
+        )
+
+    def subset(self, keep: np.ndarray, meta: dict | None = None) -> "RuleSet":
+        """A new rule set of the rules where ``keep`` (bool [len(self)], by rule id) is True, with
+        their counts and scores. Its rule ids are renumbered (dense again, same order)."""
+        keep = np.asarray(keep, bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"expected a keep mask of {len(self)} rules, got shape {keep.shape}")
+        bounds = np.cumsum([0] + [self.count(n) for n in self.lengths])
+        masks = {n: keep[bounds[i] : bounds[i + 1]] for i, n in enumerate(self.lengths)}
+        kept = [n for n in self.lengths if masks[n].any()]
+
+        def pick(tables):
+            return None if tables is None else {n: tables[n][masks[n]] for n in kept}
+
+        return RuleSet(
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
+            vocab_size=self.vocab_size,
+            threshold=self.threshold,
+            ngrams=pick(self.ngrams),
+            counts=pick(self.counts),
+            meta={**self.meta, **(meta or {})},
+            harm=pick(self.harm),
+            harm_counts=pick(self.harm_counts),
+        )
 
     # ---- checks --------------------------------------------------------------------------------
     def check_tokenizer(self, tokenizer, what: str = "tokenizer") -> None:
