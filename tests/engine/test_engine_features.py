@@ -95,7 +95,9 @@ def test_penalties_and_min_tokens_see_raw_tokens(umim_llm, tokenizer, heldout_pr
 
 
 def test_bad_request_field_is_one_clear_error(umim_llm, heldout_prompts):
-    with pytest.raises(ValueError, match=r"extra_args\['umim'\] must be true, false, 'prompt' or 'dynamic'"):
+    with pytest.raises(ValueError, match=r"extra_args\['umim'\] must be true, false, 'prompt', 'dynamic' or a dict"):
         umim_llm.generate(token_prompts(heldout_prompts[:1]), SamplingParams(max_tokens=4, extra_args={"umim": "sometimes"}), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"window 17 is above this engine's max_window 16"):
+        umim_llm.generate(token_prompts(heldout_prompts[:1]), SamplingParams(max_tokens=4, extra_args={"umim": {"window": 17}}), use_tqdm=False)
     # the engine keeps serving
     assert umim_llm.generate(token_prompts(heldout_prompts[:1]), SamplingParams(max_tokens=4), use_tqdm=False)
