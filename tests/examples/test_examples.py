@@ -34,7 +34,14 @@ def test_vllm_bench_throughput(tmp_path):
 
 
 def test_bring_your_own_model(tmp_path):
+    from vllm_umim.data.corpus import fetch_corpus
+
+    corpus = tmp_path / "corpus"  # a slice of the wiki corpus: mining the whole split is not the point here
+    corpus.mkdir()
+    for split in ("train.txt", "heldout.txt"):
+        lines = (fetch_corpus("wiki") / split).read_text().splitlines(keepends=True)[:1500]
+        (corpus / split).write_text("".join(lines))
     run(["bash", str(EXAMPLES / "bring_your_own_model.sh"), str(tmp_path)], NO_SERVE="1", TOKENS="1024",
-        EVAL_WINDOWS="2", FIDELITY_PROMPTS="2")
+        EVAL_WINDOWS="2", FIDELITY_PROMPTS="2", CORPUS=str(corpus))
     for name in ("rules.bin", "module.safetensors", "eval.json", "fidelity.json"):
         assert (tmp_path / name).is_file(), name
