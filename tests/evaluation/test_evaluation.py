@@ -12,7 +12,7 @@ from tests.conftest import make_ruleset, tiny_llama
 from vllm_umim.evaluation.alignment import align_rows, alignment_metrics, topp_overlaps
 from vllm_umim.evaluation.perplexity import base_token_nll, merged_embeddings, two_stage_token_nll
 from vllm_umim.evaluation.suite import evaluate_windows
-from vllm_umim.evaluation.token_reduction import token_reduction
+from vllm_umim.rules.selection import token_reduction
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 from vllm_umim.module.batches import AlignmentError, segment
 

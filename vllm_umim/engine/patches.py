@@ -99,12 +99,14 @@ def request_choice(extra_args: dict, config: UmimConfig):
     choice = extra_args.get(CONFIG_KEY, True)
     flat = {FLAT_REQUEST_KEYS[key]: extra_args.pop(key) for key in list(extra_args) if key in FLAT_REQUEST_KEYS}
     try:
-        if flat and config.request_settings(choice if not isinstance(choice, dict) else True) is not None:
-            choice = {**({"mode": choice} if isinstance(choice, str) else choice if isinstance(choice, dict) else {}), **flat}
+        if flat:  # flat options refine what "umim" chose, unless it opted out
+            chosen = config.request_settings(True if isinstance(choice, dict) else choice)
+            if chosen is not None:
+                choice = {**(choice if isinstance(choice, dict) else chosen.as_options()), **flat}
         settings = config.request_settings(choice)
     except UmimError as e:
         raise RequestChoiceError(str(e), parameter="vllm_xargs") from None
-    return False if settings is None else {name: getattr(settings, name) for name in settings.FIELDS}
+    return False if settings is None else settings.as_options()
 
 
 def _validate_params(original):

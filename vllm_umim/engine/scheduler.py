@@ -140,7 +140,8 @@ class UmimScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         scheduler_output = super().schedule(*args, **kwargs)
         scheduler_output.umim_merges, self.pending_merges = self.pending_merges, []
-        scheduler_output.umim_wants_confidences = any(
+        gated = any(policy.needs_confidence for policy in self.umim_policies.values())  # no per-request scan without one
+        scheduler_output.umim_wants_confidences = gated and any(
             getattr(request, "umim", None) is not None and request.umim.policy.needs_confidence for request in self.running
         )
         return scheduler_output

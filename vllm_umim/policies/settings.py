@@ -44,12 +44,16 @@ class MergeSettings:
     def dynamic(self) -> bool:
         return self.mode == "dynamic"
 
+    def as_options(self) -> dict:
+        """Every field by name: the form ``with_options`` and ``extra_args["umim"]`` take."""
+        return {name: getattr(self, name) for name in self.FIELDS}
+
     def with_options(self, options: dict) -> "MergeSettings":
         """These settings with ``options`` (a subset of FIELDS) overriding them."""
         unknown = set(options) - set(self.FIELDS)
         if unknown:
             raise ValueError(f"unknown merge option(s) {sorted(unknown)}; expected {', '.join(self.FIELDS)}")
-        merged = {name: options.get(name, getattr(self, name)) for name in self.FIELDS}
+        merged = {**self.as_options(), **options}
         if isinstance(merged["min_confidence"], int) and not isinstance(merged["min_confidence"], bool):
             merged["min_confidence"] = float(merged["min_confidence"])
         return MergeSettings(**merged)

@@ -37,13 +37,15 @@ def merge_counts(rules: RuleSet, sequences: list[list[int]]) -> np.ndarray:
     return counts
 
 
+def tokens_merged_away(rules: RuleSet, sequences: list[list[int]]) -> int:
+    """Raw tokens minus positions over ``sequences`` (greedy-longest prompt merging)."""
+    return int(merge_counts(rules, sequences) @ (rules.span_lengths.numpy().astype(np.int64) - 1))
+
+
 def token_reduction(rules: RuleSet, sequences: list[list[int]]) -> float:
     """TR = 1 - positions / raw tokens over ``sequences`` (paper §4.1)."""
     raw = sum(len(s) for s in sequences)
-    if not raw:
-        return 0.0
-    saved = merge_counts(rules, sequences) @ (rules.span_lengths.numpy().astype(np.int64) - 1)
-    return float(saved) / raw
+    return tokens_merged_away(rules, sequences) / raw if raw else 0.0
 
 
 def _check(rules: RuleSet, unscored: str) -> None:
