@@ -205,6 +205,9 @@ def module_eval(umim_options: dict) -> dict | None:
 def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
+    from vllm_umim.engine.config import UmimConfig
+    from vllm_umim.engine.operating_point import resolve_operating_point
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.model is None or args.model == "Qwen/Qwen3-0.6B":
@@ -213,10 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.model = str(fetch_model("smollm2-135m"))
     if args.umim_rules is None:
         args.umim_rules = str(DEFAULT_RULES)
-    if args.umim_module is None and not any(Path(args.umim_rules).with_name(n).is_file() for n in ("module.safetensors", "merge_module.safetensors")):
-        args.umim_module = "mean"  # no trained module yet: the untrained baseline (reported as such)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     engine_kwargs = engine_kwargs_of(args)
+    umim = engine_kwargs["additional_config"]["umim"] = resolve_operating_point(engine_kwargs["additional_config"]["umim"])
+    if UmimConfig.from_dict(umim).module_path() is None:
+        umim["module"] = "mean"  # no trained module yet: the untrained baseline (reported as such)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="umim-bench-"))
     print(f"engine logs and prompts in {work_dir}", flush=True)

@@ -171,3 +171,8 @@ def test_subset_renumbers_and_keeps_scores(word_tokenizer):
     assert sub.rule_ids == {(4, 5): 0, (1, 2, 3, 4): 1}
     np.testing.assert_array_equal(sub.harm_scores(), [np.nan, 0.0])
     assert sub.counts[2].tolist() == [7] and sub.meta["selection"] == "test" and sub.meta["source"] == "test"
+
+
+def test_folder_in_place_of_a_file_says_so(tmp_path):
+    with pytest.raises(RulesFileError, match="is a folder: name its rules.bin"):
+        load_rules(tmp_path)

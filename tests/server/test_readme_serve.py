@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import SERVER_ENV
+from vllm_umim.engine.config import UmimConfig
 
 pytestmark = pytest.mark.slow
 
@@ -36,5 +37,7 @@ def test_readme_serve_command_starts_in_vllm_defaults_and_merges(model_dir):
         usage = response.json()["usage"]
         print(f"\nREADME's vllm serve started in {server.startup_s:.0f} s; usage {usage}")
         log = server.log_path.read_text(errors="replace")
-    assert usage["umim"]["prefill_merges"] > 0 and usage["umim"]["decode_merges"] > 0
+    settings = UmimConfig.from_dict({"rules": str(ROOT / argv[argv.index("--umim-rules") + 1])}).merge
+    assert usage["umim"]["prefill_merges"] > 0
+    assert (usage["umim"]["decode_merges"] > 0) == settings.dynamic  # the operating point's own mode
     assert "bfloat16" in log and "enforce_eager=False" in log  # really vLLM's defaults

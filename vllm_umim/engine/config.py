@@ -6,7 +6,8 @@ every worker and are part of vLLM's config hash)::
     LLM(model, additional_config={"umim": {"rules": "rules.bin"}})
     vllm serve MODEL --umim-rules rules.bin
 
-Keys: ``rules`` (path, required), ``module`` (merge module path; default: the module named in or
+Keys: ``rules`` (path, required: a rules file, or an operating-point folder with its merge settings,
+``vllm_umim.engine.operating_point``), ``module`` (merge module path; default: the module named in or
 beside the rules file), ``mode`` ("dynamic": prompt and decode merging, pseudocode 4, the default;
 "prompt": prompt-only merging, pseudocode 3), ``window`` (raw recent window W, default 0: the
 newest W tokens stay unmerged, ``vllm_umim.policies.raw_window``), ``min_confidence`` (decode
@@ -32,6 +33,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_umim.engine.operating_point import resolve_operating_point
 from vllm_umim.errors import UmimError
 from vllm_umim.policies.settings import MODES, MergeSettings
 
@@ -91,6 +93,7 @@ class UmimConfig:
             raise UmimError(f"unknown UMIM option(s) {sorted(unknown)}; expected {', '.join(OPTIONS)}")
         if not options.get("rules"):
             raise UmimError("UMIM needs a rules file: additional_config={'umim': {'rules': 'rules.bin'}}")
+        options = resolve_operating_point(options)
         try:
             merge = MergeSettings().with_options({k: options[k] for k in MergeSettings.FIELDS if k in options})
         except ValueError as e:

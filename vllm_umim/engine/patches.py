@@ -34,6 +34,7 @@ from vllm.v1.engine.output_processor import RequestState
 
 from vllm_umim.engine.assets import validate_umim_files
 from vllm_umim.engine.config import CONFIG_KEY, FLAT_REQUEST_KEYS, UmimConfig, check_vllm_config, prefer_v1_model_runner
+from vllm_umim.engine.operating_point import resolve_operating_point
 from vllm_umim.engine.stats import STATS_KEY, combine_stats
 from vllm_umim.errors import UmimError
 
@@ -58,6 +59,7 @@ def _create_engine_config(original):
         options = (self.additional_config or {}).get(CONFIG_KEY)
         if options is None:
             return original(self, *args, **kwargs)
+        options = resolve_operating_point(options)  # a folder's rules file and merge settings, spelled out
         config = UmimConfig.from_dict(options)
         fingerprint = validate_umim_files(self, config)
         self.additional_config = {**self.additional_config, CONFIG_KEY: {**options, "fingerprint": fingerprint}}

@@ -18,11 +18,15 @@ def tokenized_documents(tokenizer, corpus: str | Path, max_documents: int | None
     return out
 
 
-def corpus_token_reduction(rules, tokenizer, corpus: str | Path, max_documents: int | None = None) -> dict:
-    """TR of a one-document-per-line corpus, each document merged on its own."""
+def corpus_token_reduction(rules, tokenizer, corpus: str | Path, max_documents: int | None = None, policy=None) -> dict:
+    """TR of a one-document-per-line corpus, each document merged on its own as a prompt: by greedy
+    longest match, or by ``policy`` (a ``MergePolicy``, e.g. one keeping a raw window at the end)."""
     from vllm_umim.rules.selection import tokens_merged_away
 
     documents = tokenized_documents(tokenizer, corpus, max_documents)
     raw = sum(len(ids) for ids in documents)
-    positions = raw - tokens_merged_away(rules, documents)
+    if policy is None:
+        positions = raw - tokens_merged_away(rules, documents)
+    else:
+        positions = sum(segmentation.num_elements for segmentation in policy.segment(documents))
     return {"documents": len(documents), "raw_tokens": raw, "positions": positions, "tr": 1.0 - positions / raw if raw else 0.0}

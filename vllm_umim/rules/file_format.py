@@ -97,6 +97,9 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     """Parse and check the fixed prefix and JSON header; return (header, payload offset). The
     file's format version is put in the returned header as ``"version"``."""
     path = Path(path)
+    if path.is_dir():
+        raise RulesFileError(f"rules file {path} is a folder: name its rules.bin here (only the engine's "
+                             "rules option, --umim-rules, takes an operating-point folder)")
     if not path.is_file():
         raise RulesFileError(f"rules file {path} does not exist")
     with open(path, "rb") as f:

@@ -25,7 +25,8 @@ def add_umim_arguments(parser) -> None:
     if any(action.dest == "umim_rules" for action in parser._actions):
         return
     group = parser.add_argument_group("UMIM", "UMIM token merging (vllm_umim); off unless --umim-rules is given")
-    group.add_argument("--umim-rules", default=None, help="merge rules file (rules.bin); turns UMIM on")
+    group.add_argument("--umim-rules", default=None, help="merge rules file (rules.bin), or an operating-point folder "
+                       "(rules.bin, module.safetensors, merge.json: e.g. artifacts/smollm2-135m/balanced); turns UMIM on")
     group.add_argument(
         "--umim-module",
         default=None,

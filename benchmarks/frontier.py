@@ -1,0 +1,153 @@
+"""The TR–fidelity frontier (issue 10): every measured setting in one table and one plot.
+
+    python benchmarks/frontier.py artifacts/smollm2-135m/fidelity.json artifacts/smollm2-135m/fidelity/*.json \\
+        --points artifacts/smollm2-135m/operating-points.json --png benchmarks/results/frontier.png
+
+One row per ``vllm-umim fidelity`` variant (module x rules file x merge settings): TR over prompt +
+output against greedy first divergence and the share of continuations equal for all 32 tokens,
+per text kind, with the stock bf16-vs-fp32 line drawn in; the two-stage PPL of each rule set and
+module (``ppl-*.json`` beside the files) in a panel of its own. ``--points`` (from
+``benchmarks/operating_points.py``) marks the shipped operating points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+KINDS = ("wiki", "chat", "gsm8k")
+
+
+def label(result: dict, variant: str) -> str:
+    module = "mean pooling" if result.get("module") == "mean" else "trained"
+    rules = Path(result["rules"]).stem
+    return f"{module} · {rules} · {variant}"
+
+
+def group(result: dict, variant: str) -> str:
+    """Colour of a row in the plot: which idea it tries."""
+    if result.get("module") == "mean":
+        return "mean pooling"
+    if Path(result["rules"]).stem != "rules":
+        return "harm-selected rules"
+    if "window" in variant or "confidence" in variant:
+        return "policies (window / confidence)"
+    return "shipped rules, paper modes"
+
+
+def rows_of(files: list[Path]) -> tuple[list[dict], dict | None]:
+    rows, bf16 = [], None
+    for path in files:
+        result = json.loads(path.read_text())
+        if "figures" not in result:
+            continue
+        bf16 = bf16 or result.get("bf16")
+        for variant, figures in result["figures"].items():
+            if any(row["label"] == label(result, variant) for row in rows):
+                continue  # the same setting measured again (fidelity.json's modes recur in policies.json)
+            rows.append({"label": label(result, variant), "group": group(result, variant), "figures": figures})
+    return rows, bf16
+
+
+def ppl_rows(files: list[Path]) -> list[dict]:
+    """(rules, module) -> held-out TR and two-stage PPL, from ``vllm-umim eval`` JSON files."""
+    rows = []
+    for path in sorted({q for p in files for q in p.parent.glob("ppl-*.json")}):
+        result = json.loads(path.read_text())
+        heldout = result["heldout"]
+        for module, figures in heldout["modules"].items():
+            rows.append({"rules": Path(result["rules"]["path"]).stem, "module": module, "tr": heldout["tr"],
+                         "ppl": figures["ppl"], "base_ppl": heldout["base_ppl"]})
+    return rows
+
+
+def markdown(rows: list[dict], bf16: dict | None, ppl: list[dict]) -> str:
+    three = lambda f, key, fmt: " / ".join(fmt(f[k][key]) for k in KINDS)  # noqa: E731
+    lines = ["| setting (module · rules · variant) | TR % (wiki / chat / gsm8k) | 1st divergence mean | equal-32 % | KL |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in sorted(rows, key=lambda r: -r["figures"]["wiki"]["overall_tr"]):
+        f = row["figures"]
+        lines.append(f"| {row['label']} | {three(f, 'overall_tr', lambda v: f'{100 * v:.0f}')} | "
+                     f"{three(f, 'first_divergence_mean', lambda v: f'{v:.1f}')} | "
+                     f"{three(f, 'equal_share', lambda v: f'{100 * v:.0f}')} | {three(f, 'kl_mean', lambda v: f'{v:.3f}')} |")
+    if bf16:
+        lines.append(f"| stock bf16 vs fp32 (no merging) | – | {three(bf16, 'first_divergence_mean', lambda v: f'{v:.1f}')} | "
+                     f"{three(bf16, 'equal_share', lambda v: f'{100 * v:.0f}')} | {three(bf16, 'kl_mean', lambda v: f'{v:.4f}')} |")
+    if ppl:
+        lines += ["", "| rules · module | TR held-out windows | two-stage PPL (base) |", "| --- | --- | --- |"]
+        for row in sorted(ppl, key=lambda r: (r["module"], -r["tr"])):
+            lines.append(f"| {row['rules']} · {row['module']} | {100 * row['tr']:.1f} % | "
+                         f"{row['ppl']:.1f} (+{100 * (row['ppl'] / row['base_ppl'] - 1):.0f} %; base {row['base_ppl']:.2f}) |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], bf16: dict | None, ppl: list[dict], points: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({r["group"] for r in rows})
+    colors = dict(zip(groups, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8.5))
+    for column, kind in enumerate(KINDS):
+        for axis, key, scale, title in ((axes[0, column], "first_divergence_mean", 1, "mean first divergence (tokens)"),
+                                        (axes[1, column], "equal_share", 100, "equal for all 32 tokens (%)")):
+            for name in groups:
+                mine = [r["figures"][kind] for r in rows if r["group"] == name]
+                axis.scatter([100 * f["overall_tr"] for f in mine], [scale * f[key] for f in mine], s=22,
+                             color=colors[name], label=name)
+            for p in points:
+                f = p.get("fidelity")
+                if f:
+                    axis.scatter([100 * f[kind]["overall_tr"]], [scale * f[kind][key]], marker="*", s=220,
+                                 facecolors="none", edgecolors="black")
+                    axis.annotate(p["name"], (100 * f[kind]["overall_tr"], scale * f[kind][key]), fontsize=8,
+                                  xytext=(4, 4), textcoords="offset points")
+            if bf16:
+                axis.axhline(scale * bf16[kind][key], color="grey", linestyle="--", label="stock bf16 vs fp32")
+            axis.set_xlabel(f"TR over prompt + output, {kind} (%)")
+            axis.set_ylabel(title)
+            axis.set_title(kind)
+            axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="upper right")
+    ppl_axis = axes[0, 3]
+    for module, marker in (("trained", "o"), ("mean", "x")):
+        mine = [r for r in ppl if r["module"] == module]
+        ppl_axis.scatter([100 * r["tr"] for r in mine], [100 * (r["ppl"] / r["base_ppl"] - 1) for r in mine],
+                         marker=marker, label=f"{module} module")
+        for r in mine:
+            ppl_axis.annotate(r["rules"], (100 * r["tr"], 100 * (r["ppl"] / r["base_ppl"] - 1)), fontsize=7,
+                              xytext=(3, 3), textcoords="offset points")
+    ppl_axis.set_yscale("log")
+    ppl_axis.axhline(5, color="green", linestyle=":", label="faithful goal +5 %")
+    ppl_axis.axhline(15, color="orange", linestyle=":", label="balanced goal +15 %")
+    ppl_axis.set_xlabel("TR on held-out windows (%)")
+    ppl_axis.set_ylabel("two-stage PPL above base (%)")
+    ppl_axis.set_title("perplexity (prompt-side merging)")
+    ppl_axis.legend(fontsize=7)
+    ppl_axis.grid(alpha=0.3)
+    axes[1, 3].axis("off")
+    fig.suptitle("UMIM on SmolLM2-135M: token reduction against agreement with the unmerged model (greedy, fp32 engine)")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", type=Path, help="vllm-umim fidelity --json outputs")
+    parser.add_argument("--points", type=Path, default=None, help="operating-points.json to mark")
+    parser.add_argument("--png", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rows, bf16 = rows_of(args.files)
+    ppl = ppl_rows(args.files)
+    points = json.loads(args.points.read_text())["points"] if args.points else []
+    print(markdown(rows, bf16, ppl))
+    if args.png:
+        plot(rows, bf16, ppl, points, args.png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The operating points shipped for a model, each measured (issue 10): README's "Operating points".
+
+    python benchmarks/operating_points.py artifacts/smollm2-135m \\
+        --fidelity artifacts/smollm2-135m/fidelity.json artifacts/smollm2-135m/fidelity/*.json \\
+        --bench benchmarks/results/*/throughput.json --json artifacts/smollm2-135m/operating-points.json
+
+Every sub-folder with a ``merge.json`` is a point (``vllm_umim.engine.operating_point``). For each:
+its settings; TR on held-out Wikipedia (each document merged as a prompt by the point's policy, so
+a raw window costs what it costs there); and the measurements made with the same rules file, module
+file (both matched by content hash) and merge settings: the ``vllm-umim fidelity`` row, the
+two-stage PPL of ``vllm-umim eval`` (``ppl-*.json`` beside the fidelity files; PPL merges held-out
+windows prompt-side with no window), QA from ``eval.json``, and the throughput ratios of
+``vllm-umim bench``. A figure nobody measured for a point is shown as "–", never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("wiki", "chat", "gsm8k")
+DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
+
+
+@functools.lru_cache(maxsize=None)
+def content_hash(path: str) -> str | None:
+    """sha256 of a file given relative to the working directory or the repository (None if absent).
+    A path recorded in another checkout (``/tmp/x/artifacts/...``) is looked up in this one's artifacts."""
+    in_artifacts = path[path.find("artifacts/"):] if "artifacts/" in path else path
+    for candidate in (Path(path), ROOT / path, ROOT / in_artifacts):
+        if candidate.is_file():
+            return hashlib.sha256(candidate.read_bytes()).hexdigest()
+    return None
+
+
+def module_hash(rules: str, module: str | None) -> str | None:
+    """The module a measurement used: "mean", or the hash of the file named or beside the rules."""
+    if module == "mean":
+        return "mean"
+    if module:
+        return content_hash(module)
+    for name in DEFAULT_MODULE_NAMES:
+        found = content_hash(str(Path(rules).with_name(name)))
+        if found:
+            return found
+    return "mean"
+
+
+def settings_of(*options) -> tuple:
+    """Merge settings (mode, window, min_confidence) from option dicts applied in order."""
+    from vllm_umim.policies.settings import MergeSettings
+
+    settings = MergeSettings()
+    for option in options:
+        option = {"mode": option} if isinstance(option, str) else option
+        settings = settings.with_options({k: v for k, v in option.items() if k in MergeSettings.FIELDS})
+    return settings
+
+
+def fidelity_row(point: dict, fidelity_files: list[Path]) -> tuple[dict, dict] | None:
+    """(figures per kind, bf16 line) of the fidelity run with this point's rules, module and settings."""
+    for path in fidelity_files:
+        result = json.loads(path.read_text())
+        if "figures" not in result or content_hash(result["rules"]) != point["rules_hash"]:
+            continue
+        if module_hash(result["rules"], result.get("module")) != point["module_hash"]:
+            continue
+        for name, variant in result["variants"].items():
+            if settings_of(result.get("engine_options", {}), variant) == point["settings"]:
+                return {"file": str(path), "variant": name, **result["figures"][name]}, result.get("bf16")
+    return None
+
+
+def ppl_row(point: dict, ppl_files: list[Path]) -> dict | None:
+    for path in ppl_files:
+        result = json.loads(path.read_text())
+        trained = result.get("heldout", {}).get("modules", {}).get("trained")
+        if trained and content_hash(result["rules"]["path"]) == point["rules_hash"] \
+                and module_hash(result["rules"]["path"], result["modules"]["trained"]["path"]) == point["module_hash"]:
+            return {"file": str(path), "ppl": trained["ppl"], "base_ppl": result["heldout"]["base_ppl"]}
+    return None
+
+
+def qa_row(point: dict, eval_file: Path | None) -> dict | None:
+    if eval_file is None or not eval_file.is_file():
+        return None
+    result = json.loads(eval_file.read_text())
+    if content_hash(result["rules"]["path"]) != point["rules_hash"] or "qa" not in result \
+            or module_hash(result["rules"]["path"], result["modules"]["trained"]["path"]) != point["module_hash"]:
+        return None
+    tasks = result["qa"]
+    mean = lambda key: sum(t["accuracy"][key] for t in tasks.values()) / len(tasks)  # noqa: E731
+    return {"file": str(eval_file), "items_per_task": min(t["n"] for t in tasks.values()),
+            "base": mean("base"), "merged": mean("trained")}
+
+
+def bench_rows(point: dict, bench_files: list[Path]) -> dict:
+    """Scenario name -> ratio figures of the bench runs made with this point's files and settings."""
+    rows = {}
+    for path in bench_files:
+        result = json.loads(path.read_text())
+        umim = result.get("umim") or {}
+        rules = umim.get("rules", "")
+        if Path(rules).is_dir():
+            from vllm_umim.engine.operating_point import resolve_operating_point
+
+            umim = resolve_operating_point(umim)
+            rules = umim["rules"]
+        if content_hash(rules) != point["rules_hash"] or module_hash(rules, umim.get("module")) != point["module_hash"] \
+                or settings_of(umim) != point["settings"]:
+            continue
+        for scenario in result["scenarios"]:
+            row = {"file": str(path), "when": result["when"], "load_average_1_5_15": result["load_average_1_5_15"],
+                   "ratio": scenario["tokens_per_s_ratio"], "tr": scenario["token_reduction"]}
+            old = rows.get(scenario["name"])
+            if not scenario["never_matching_rules"] and (old is None or newer_or_larger(row, old)):
+                rows[scenario["name"]] = row
+    return rows
+
+
+def newer_or_larger(row: dict, old: dict) -> bool:
+    """Of two runs of one scenario, the one with more repetitions, then the later one."""
+    return (row["ratio"]["n"], row["when"]) > (old["ratio"]["n"], old["when"])
+
+
+def measure_point(folder: Path, tokenizer, corpus: Path, documents: int) -> dict:
+    from vllm_umim.engine.config import UmimConfig
+    from vllm_umim.evaluation.token_reduction import corpus_token_reduction
+    from vllm_umim.rules import load_rules
+
+    config = UmimConfig.from_dict({"rules": str(folder)})
+    rules = load_rules(config.rules)
+    module = config.module_path()
+    return {
+        "name": folder.name,
+        "settings": config.merge,
+        "rules_hash": content_hash(config.rules),
+        "module_hash": content_hash(str(module)) if module else "mean",
+        "rules_count": len(rules),
+        "heldout_tr": corpus_token_reduction(rules, tokenizer, corpus, documents, policy=config.merge.build(rules)),
+    }
+
+
+def three(values, fmt) -> str:
+    return " / ".join(fmt(v) for v in values)
+
+
+def markdown(points: list[dict], bf16: dict | None) -> str:
+    lines = [
+        "| point | settings | rules | TR held-out wiki | TR % prompt+output (wiki / chat / gsm8k) | 1st divergence mean "
+        "| equal-32 % | KL | two-stage PPL | QA mean, merged vs base | prefill-heavy ratio (goal 0.95/(1−TR)) | decode-heavy ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        s, f, ppl, qa, bench = p["settings"], p["fidelity"], p["ppl"], p["qa"], p["bench"]
+        settings = s.mode + (f", window {s.window}" if s.window else "") + (f", confidence ≥ {s.min_confidence:g}" if s.min_confidence else "")
+        fid = [three((f[k]["overall_tr"] * 100 for k in KINDS), "{:.0f}".format),
+               three((f[k]["first_divergence_mean"] for k in KINDS), "{:.1f}".format),
+               three((f[k]["equal_share"] * 100 for k in KINDS), "{:.0f}".format),
+               three((f[k]["kl_mean"] for k in KINDS), "{:.3f}".format)] if f else ["–"] * 4
+
+        def ratio(name):
+            if name not in bench:
+                return "–"
+            r, tr = bench[name]["ratio"], bench[name]["tr"]
+            goal = f" (goal {0.95 / (1 - tr):.2f})" if name == "prefill-heavy" else ""
+            return f"{r['median']:.3f} [{r['min']:.3f}–{r['max']:.3f}] n={r['n']}, TR {100 * tr:.0f} %{goal}"
+
+        lines.append(" | ".join([
+            f"| **{p['name']}**", settings, f"{p['rules_count']:,}", f"{100 * p['heldout_tr']['tr']:.1f} %", *fid,
+            f"{ppl['ppl']:.1f} (+{100 * (ppl['ppl'] / ppl['base_ppl'] - 1):.0f} %)" if ppl else "–",
+            f"{100 * qa['merged']:.1f} vs {100 * qa['base']:.1f} ({qa['items_per_task']}/task)" if qa else "–",
+            ratio("prefill-heavy"), ratio("decode-heavy") + " |",
+        ]))
+    if bf16:
+        lines.append("| stock bf16 vs fp32 | (no merging) | – | – | – | "
+                     + three((bf16[k]["first_divergence_mean"] for k in KINDS), "{:.1f}".format) + " | "
+                     + three((bf16[k]["equal_share"] * 100 for k in KINDS), "{:.0f}".format) + " | "
+                     + three((bf16[k]["kl_mean"] for k in KINDS), "{:.4f}".format) + " | – | – | – | – |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="the model's artifacts folder (points are its sub-folders with merge.json)")
+    parser.add_argument("--model", default=None, help="model folder (default: vllm-umim fetch-model smollm2-135m)")
+    parser.add_argument("--corpus", type=Path, default=None, help="held-out corpus (default: the wiki corpus's heldout.txt)")
+    parser.add_argument("--documents", type=int, default=300)
+    parser.add_argument("--fidelity", nargs="*", type=Path, default=[])
+    parser.add_argument("--bench", nargs="*", type=Path, default=[])
+    parser.add_argument("--eval", type=Path, default=None, help="eval.json with QA (default: FOLDER/eval.json)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from vllm_umim.data.model import fetch_model
+
+        args.model = fetch_model("smollm2-135m")
+    if args.corpus is None:
+        from vllm_umim.data.corpus import fetch_corpus
+
+        args.corpus = fetch_corpus("wiki") / "heldout.txt"
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    fidelity_files = [p for p in args.fidelity if not p.name.startswith("ppl-")]
+    ppl_files = sorted({q for p in args.fidelity for q in p.parent.glob("ppl-*.json")})
+    bf16 = None
+    points = []
+    for folder in sorted(p.parent for p in args.folder.glob("*/merge.json")):
+        point = measure_point(folder, tokenizer, args.corpus, args.documents)
+        found = fidelity_row(point, fidelity_files)
+        point["fidelity"], bf16 = (found[0], found[1] or bf16) if found else (None, bf16)
+        point["ppl"] = ppl_row(point, ppl_files)
+        point["qa"] = qa_row(point, args.eval or args.folder / "eval.json")
+        point["bench"] = bench_rows(point, args.bench)
+        points.append(point)
+    order = {"faithful": 0, "balanced": 1, "max": 2}
+    points.sort(key=lambda p: (order.get(p["name"], 9), p["name"]))
+    print(markdown(points, bf16))
+    if args.json:
+        rows = [{**p, "settings": p["settings"].as_options()} for p in points]
+        args.json.write_text(json.dumps({"points": rows, "bf16": bf16}, indent=1) + "\n")
+    return points
+
+
+if __name__ == "__main__":
+    main()
