@@ -36,6 +36,7 @@ if __name__ == "__main__":
     model, rules, prompt, backend = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
     if backend == "ray":
         import ray
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # no OOM killer watching a shared machine
         ray.init(num_cpus=2, include_dashboard=False)
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # the EngineCore joins this instance
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, tensor_parallel_size=2,

@@ -22,6 +22,7 @@ SHARD_WINDOWS, NUM_WINDOWS = 10, 34  # 4 shards, the last one short
 def local_ray():
     started = not ray.is_initialized()
     if started:
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # no OOM killer watching a shared machine
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     if started:
