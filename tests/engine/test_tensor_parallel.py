@@ -33,11 +33,18 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm_umim import merge_stats
 if __name__ == "__main__":
-    model, rules, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    model, rules, prompt, backend = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    if backend == "ray":
+        import ray
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # no OOM killer watching a shared machine
+        ray.init(num_cpus=2, include_dashboard=False)
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # the EngineCore joins this instance
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, tensor_parallel_size=2,
-              additional_config={"umim": {"rules": rules, "module": "mean"}})
+              distributed_executor_backend=backend, additional_config={"umim": {"rules": rules, "module": "mean"}})
     out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(temperature=0, max_tokens=%d), use_tqdm=False)[0]
-    print("RESULT " + json.dumps({"tokens": list(out.outputs[0].token_ids), "stats": merge_stats(out)}))
+    print("RESULT " + json.dumps({"tokens": list(out.outputs[0].token_ids), "stats": merge_stats(out),
+                                  "executor": str(llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend)}), flush=True)
+    llm.llm_engine.engine_core.shutdown()
 """ % MAX_TOKENS
 
 
@@ -58,7 +65,9 @@ def tiny_model_dir(tmp_path_factory, model_dir):
     return folder
 
 
-def test_tp2_equals_reference(tiny_model_dir, tokenizer, tmp_path):
+@pytest.mark.parametrize("backend", ["mp", pytest.param("ray", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("ray") is None, reason="ray is not installed"))])
+def test_tp2_equals_reference(tiny_model_dir, tokenizer, tmp_path, backend):
     import json
 
     from transformers import AutoModelForCausalLM
@@ -77,7 +86,7 @@ def test_tp2_equals_reference(tiny_model_dir, tokenizer, tmp_path):
     expected = ReferenceRuntime(model, load_rules(tmp_path / "rules.bin"), module, dynamic=True).generate(prompt, MAX_TOKENS)
     (tmp_path / "run.py").write_text(RUN_ENGINE)
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "run.py"), str(tiny_model_dir), str(tmp_path / "rules.bin"), json.dumps(prompt)],
+        [sys.executable, str(tmp_path / "run.py"), str(tiny_model_dir), str(tmp_path / "rules.bin"), json.dumps(prompt), backend],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
     line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -86,3 +95,4 @@ def test_tp2_equals_reference(tiny_model_dir, tokenizer, tmp_path):
     assert engine["stats"]["prefill_merges"] > 0 and engine["stats"]["decode_merges"] > 0
     assert engine["tokens"] == expected.output_token_ids
     assert engine["stats"]["positions"] == len(expected.elements)
+    assert ("UmimCpuRayExecutor" in engine["executor"]) == (backend == "ray")

@@ -18,11 +18,17 @@ wrapped (the server's wrappers live in ``vllm_umim.server.patches``):
 * ``RequestState.make_request_output``: with ``n > 1`` vLLM gives the request's output the KV
   transfer parameters of whichever sample finished last; sum every sample's merge figures instead.
 
+Not a wrapper but the same kind of reliance: ``cpu_ray_device`` swaps two vLLM attributes while
+``UmimCpuRayExecutor`` starts (vLLM's Ray executor on the CPU platform, which vLLM itself refuses;
+see ``vllm_umim.engine.ray_executor``), selected by ``create_engine_config`` for
+``distributed_executor_backend="ray"`` on CPU.
+
 ``tests/engine/test_patches.py`` fails loudly when vLLM changes what these wrap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -43,6 +49,7 @@ SCHEDULER_CLS = "vllm_umim.engine.scheduler.UmimScheduler"
 CPU_WORKER_CLS = "vllm_umim.engine.worker.UmimCPUWorker"
 GPU_WORKER_CLS = "vllm_umim.engine.worker.UmimGPUWorker"
 STOCK_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
+CPU_RAY_DEVICE_KEY = "CPU"  # the Ray resource each CPU worker's placement-group bundle holds
 
 
 def check_vllm_version() -> None:
@@ -77,7 +84,12 @@ def _create_engine_config(original):
         parallel = vllm_config.parallel_config
         if parallel.worker_cls not in (*STOCK_WORKER_CLS, CPU_WORKER_CLS, GPU_WORKER_CLS):
             raise UmimError(f"UMIM brings its own worker; remove worker_cls={parallel.worker_cls!r}")
-        parallel.worker_cls = CPU_WORKER_CLS if vllm_config.device_config.device_type == "cpu" else GPU_WORKER_CLS
+        on_cpu = vllm_config.device_config.device_type == "cpu"
+        parallel.worker_cls = CPU_WORKER_CLS if on_cpu else GPU_WORKER_CLS
+        if on_cpu and parallel.distributed_executor_backend == "ray":
+            from vllm_umim.engine.ray_executor import UmimCpuRayExecutor  # imports ray: only when asked for
+
+            parallel.distributed_executor_backend = UmimCpuRayExecutor  # vLLM: "ray" or an Executor subclass
         check_vllm_config(vllm_config)
         return vllm_config
 
@@ -139,6 +151,55 @@ def _make_request_output(original):
         return original(self, new_token_ids, pooling_output, finish_reason, stop_reason, kv_transfer_params, *args, **kwargs)
 
     return make_request_output
+
+
+@contextlib.contextmanager
+def cpu_ray_device(worker_proc):
+    """While vLLM's ``RayExecutorV2._init_executor`` runs for a CPU engine: the platform's Ray
+    device key reads ``"CPU"`` (vLLM's CPU platform has ``""``, which ``ray_utils`` refuses), and
+    the executor spawns ``worker_proc`` actors instead of its ``RayWorkerProc`` (whose device-id
+    lookup reads Ray's accelerator ids, where ``"CPU"`` never is). Both are restored after."""
+    from vllm.platforms import current_platform
+    from vllm.v1.executor import ray_executor_v2
+
+    missing = object()
+    saved_key = current_platform.__dict__.get("ray_device_key", missing)
+    saved_proc = ray_executor_v2.RayWorkerProc
+    current_platform.ray_device_key = CPU_RAY_DEVICE_KEY
+    ray_executor_v2.RayWorkerProc = worker_proc
+    try:
+        yield
+    finally:
+        ray_executor_v2.RayWorkerProc = saved_proc
+        if saved_key is missing:
+            del current_platform.ray_device_key
+        else:
+            current_platform.ray_device_key = saved_key
+
+
+def cpu_ray_pin_violations() -> list[str]:
+    """What ``cpu_ray_device`` / ``UmimCpuRayExecutor`` rely on in vLLM 0.32.0 and no longer
+    holds (the pin test asserts it is empty)."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.executor import ray_executor_v2, ray_utils
+
+    problems = []
+    if CpuPlatform.ray_device_key != "":
+        problems.append(f"CpuPlatform.ray_device_key is {CpuPlatform.ray_device_key!r}: vLLM may support Ray on CPU now")
+    init_source = inspect.getsource(ray_executor_v2.RayExecutorV2._init_executor)
+    for needle in ("initialize_ray_cluster(", "get_bundles_sorted_by_node(", "ray.remote(RayWorkerProc)",
+                   "self._get_actor_resource_kwargs()", "get_node_and_physical_gpu_ids.remote()"):
+        if needle not in init_source:
+            problems.append(f"RayExecutorV2._init_executor no longer calls {needle}")
+    for function in (ray_utils.initialize_ray_cluster, ray_utils.get_bundles_sorted_by_node):
+        if "current_platform.ray_device_key" not in inspect.getsource(function):
+            problems.append(f"ray_utils.{function.__name__} no longer reads current_platform.ray_device_key")
+    method = ray_executor_v2.RayWorkerProc.get_node_and_physical_gpu_ids
+    if tuple(inspect.signature(method).parameters) != ("self",):
+        problems.append("RayWorkerProc.get_node_and_physical_gpu_ids changed its parameters")
+    if not isinstance(inspect.getattr_static(ray_executor_v2.RayExecutorV2, "_get_actor_resource_kwargs"), staticmethod):
+        problems.append("RayExecutorV2._get_actor_resource_kwargs is no longer a staticmethod")
+    return problems
 
 
 # (owner, attribute, the parameters the wrapper relies on, wrapper factory)

@@ -10,6 +10,10 @@ Single process::
 Two CPU processes (torch DDP, gloo)::
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 2 -m vllm_umim.cli.main train ...
+
+Teacher cache over a Ray cluster (the student still trains here, or under torchrun)::
+
+    vllm-umim train ... --teacher-workers 16 --ray-address HEAD_IP:6379
 """
 
 from __future__ import annotations
@@ -44,8 +48,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, help="teacher cache (default: <run-dir>/teacher)")
     p.add_argument("--resume", action="store_true", help="continue from <run-dir>/ckpt-last.safetensors (a larger --max-tokens stretches the schedule)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch default)")
+    add_teacher_ray_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_teacher_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher-workers", type=int, default=0, metavar="N",
+                   help="compute the teacher cache's missing shards with N Ray actors (one CPU each; 0: in this "
+                        "process). Same shard files either way; an interrupted cache resumes with either")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster for --teacher-workers (default: RAY_ADDRESS or the `ray start` cluster on this "
+                        "node, else a new local instance)")
+    p.add_argument("--teacher-threads", type=int, default=1, help="torch threads per Ray teacher actor")
+
+
+def teacher_ray_options(args) -> dict:
+    """``build_cache`` keyword arguments from ``add_teacher_ray_arguments``' flags."""
+    return {"ray_workers": args.teacher_workers, "ray_address": args.ray_address, "ray_threads": args.teacher_threads}
 
 
 def run_train(args) -> dict:
@@ -73,8 +93,10 @@ def run_train(args) -> dict:
         train_w, val_w = corpus_windows(args.corpus, tok, args.seq_len, cache_tokens, args.val_windows, args.seed)
         meta = {"corpus": str(args.corpus), "model": str(args.model)}
         if val_w:
-            build_cache(model, rules, val_w, cache_dir / "val", k=args.k, manifest=meta, progress=not args.no_progress)
-        build_cache(model, rules, train_w, cache_dir / "train", k=args.k, manifest=meta, progress=not args.no_progress)
+            build_cache(model, rules, val_w, cache_dir / "val", k=args.k, manifest=meta, progress=not args.no_progress,
+                        **teacher_ray_options(args))
+        build_cache(model, rules, train_w, cache_dir / "train", k=args.k, manifest=meta, progress=not args.no_progress,
+                    **teacher_ray_options(args))
     if world > 1:
         torch.distributed.barrier()
     config = TrainConfig(

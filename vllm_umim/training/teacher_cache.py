@@ -44,6 +44,32 @@ def teacher_topk(model, batch, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return values, ids.to(torch.int32), lse
 
 
+def shard_path(cache_dir: Path, shard: int) -> Path:
+    return Path(cache_dir) / f"shard-{shard:05d}.safetensors"
+
+
+def compute_shard(model, rules, windows: list[list[int]], k: int, batch_size: int) -> tuple[dict, int]:
+    """One shard's tensors (``row_offsets``, ``topk_ids``, ``topk_logits``, ``lse``) for these
+    windows, and the raw tokens they hold. The same function serves the local and the Ray path."""
+    offsets, all_ids, all_vals, all_lse, raw_tokens = [0], [], [], [], 0
+    for b in range(0, len(windows), batch_size):
+        batch = collate(segment(windows[b : b + batch_size], rules))
+        vals, ids, lse = teacher_topk(model, batch, k)
+        for c in batch.teacher_mask.sum(1).tolist():
+            offsets.append(offsets[-1] + c)
+        all_ids.append(ids)
+        all_vals.append(vals)
+        all_lse.append(lse)
+        raw_tokens += batch.num_raw_tokens
+    tensors = {
+        "row_offsets": torch.tensor(offsets, dtype=torch.int64),
+        "topk_ids": torch.cat(all_ids).contiguous(),
+        "topk_logits": torch.cat(all_vals).contiguous(),
+        "lse": torch.cat(all_lse).contiguous(),
+    }
+    return tensors, raw_tokens
+
+
 def build_cache(
     model,
     rules,
@@ -54,8 +80,17 @@ def build_cache(
     shard_windows: int = 256,
     manifest: dict | None = None,
     progress: bool = True,
+    ray_workers: int = 0,
+    ray_address: str | None = None,
+    ray_threads: int = 1,
 ) -> Path:
-    """Fill ``cache_dir`` for ``windows`` (resumable). Returns the directory."""
+    """Fill ``cache_dir`` for ``windows`` (resumable). Returns the directory.
+
+    ``ray_workers > 0``: the missing shards are computed by that many Ray actors (one CPU and
+    ``ray_threads`` torch threads each; ``vllm_umim.training.ray_teacher``) on the cluster at
+    ``ray_address`` (default: the one ``ray.init()`` finds, else a local instance); this process
+    writes every shard as it arrives, so the files are the local path's, and resuming works the
+    same either way."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     info = {
@@ -82,40 +117,26 @@ def build_cache(
 
     model.eval()
     num_shards = (len(windows) + shard_windows - 1) // shard_windows
+    ranges = [(shard, shard * shard_windows, min((shard + 1) * shard_windows, len(windows))) for shard in range(num_shards)]
+    todo = [r for r in ranges if not shard_path(cache_dir, r[0]).exists()]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(windows) * len(windows[0]), unit="tok", desc="teacher", smoothing=0.05)
+        bar.update(sum(hi - lo for r, lo, hi in ranges if not any(r == t[0] for t in todo)) * len(windows[0]))
     started, done_tokens = time.perf_counter(), 0
-    for shard in range(num_shards):
-        path = cache_dir / f"shard-{shard:05d}.safetensors"
-        lo, hi = shard * shard_windows, min((shard + 1) * shard_windows, len(windows))
-        if path.exists():
-            if bar:
-                bar.update((hi - lo) * len(windows[0]))
-            continue
-        offsets, all_ids, all_vals, all_lse = [0], [], [], []
-        for b in range(lo, hi, batch_size):
-            segs = segment(windows[b : min(b + batch_size, hi)], rules)
-            batch = collate(segs)
-            vals, ids, lse = teacher_topk(model, batch, k)
-            counts = batch.teacher_mask.sum(1).tolist()
-            for c in counts:
-                offsets.append(offsets[-1] + c)
-            all_ids.append(ids)
-            all_vals.append(vals)
-            all_lse.append(lse)
-            done_tokens += batch.num_raw_tokens
-            if bar:
-                bar.update(batch.num_raw_tokens)
-        tensors = {
-            "row_offsets": torch.tensor(offsets, dtype=torch.int64),
-            "topk_ids": torch.cat(all_ids).contiguous(),
-            "topk_logits": torch.cat(all_vals).contiguous(),
-            "lse": torch.cat(all_lse).contiguous(),
-        }
-        save_safetensors(tensors, path, metadata={"first_window": str(lo), "num_windows": str(hi - lo)})
+    if ray_workers:
+        from vllm_umim.training.ray_teacher import compute_shards_on_ray
+
+        results = compute_shards_on_ray(model, rules, windows, todo, k, batch_size, ray_workers, ray_address, ray_threads)
+    else:
+        results = ((shard, lo, hi, compute_shard(model, rules, windows[lo:hi], k, batch_size)) for shard, lo, hi in todo)
+    for shard, lo, hi, (tensors, num_raw_tokens) in results:
+        save_safetensors(tensors, shard_path(cache_dir, shard), metadata={"first_window": str(lo), "num_windows": str(hi - lo)})
+        done_tokens += num_raw_tokens
+        if bar:
+            bar.update(num_raw_tokens)
         elapsed = time.perf_counter() - started
         if progress:
             print(json.dumps({"shard": shard, "windows": hi, "tok_per_s": round(done_tokens / max(elapsed, 1e-9), 1)}), flush=True)
@@ -193,6 +214,9 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
+    from vllm_umim.training.cli import add_teacher_ray_arguments, teacher_ray_options
+
+    add_teacher_ray_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,8 +225,9 @@ def main(argv=None) -> None:
     train, val = corpus_windows(args.corpus, frozen.tokenizer, args.seq_len, args.max_tokens, args.val_windows)
     cache_dir = Path(args.cache_dir)
     meta = {"corpus": str(args.corpus), "model": str(args.model)}
-    build_cache(model, rules, val, cache_dir / "val", k=args.k, batch_size=args.batch_size, manifest=meta)
-    build_cache(model, rules, train, cache_dir / "train", k=args.k, batch_size=args.batch_size, manifest=meta)
+    ray_options = teacher_ray_options(args)
+    build_cache(model, rules, val, cache_dir / "val", k=args.k, batch_size=args.batch_size, manifest=meta, **ray_options)
+    build_cache(model, rules, train, cache_dir / "train", k=args.k, batch_size=args.batch_size, manifest=meta, **ray_options)
 
 
 if __name__ == "__main__":
