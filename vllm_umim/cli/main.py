@@ -88,10 +88,11 @@ def cmd_inspect(args) -> None:
 def cmd_generate(args) -> None:
     from transformers import AutoTokenizer
 
+    from vllm_umim.module.batches import bos_prefix
     from vllm_umim.reference import bracketed
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = bos_prefix(tokenizer) + tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     if args.engine == "reference":
         from vllm_umim.cli.reference_generate import reference_generate
 
