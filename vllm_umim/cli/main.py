@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch-model", help="write an offline HF folder for a known model")
-    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.add_argument("name", nargs="?", default="smollm2-135m",
+                   help="smollm2-135m (Llama, instruct; default) or gemma3-270m (Gemma 3, base model)")
     p.add_argument("--out", type=Path)
     p.set_defaults(func=cmd_fetch_model)
 
