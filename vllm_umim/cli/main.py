@@ -88,10 +88,11 @@ def cmd_inspect(args) -> None:
 def cmd_generate(args) -> None:
     from transformers import AutoTokenizer
 
+    from vllm_umim.module.batches import bos_prefix
     from vllm_umim.reference import bracketed
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = bos_prefix(tokenizer) + tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
     if args.engine == "reference":
         from vllm_umim.cli.reference_generate import reference_generate
 
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch-model", help="write an offline HF folder for a known model")
-    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.add_argument("name", nargs="?", default="smollm2-135m",
+                   help="smollm2-135m (Llama, instruct; default) or gemma3-270m (Gemma 3, base model)")
     p.add_argument("--out", type=Path)
     p.set_defaults(func=cmd_fetch_model)
 

@@ -84,6 +84,13 @@ class UmimModelRunnerMixin:
             type(wrapper.surrogates).__name__,
         )
 
+    def umim_input_embeddings(self, rule_ids: list[int]) -> list[list[float]]:
+        """What the decoder receives for these rules' virtual ids (after the model's own embedding
+        scaling), as plain lists: lets tests compare the engine's surrogates with the reference's."""
+        ids = torch.tensor(rule_ids, dtype=torch.long, device=self.device) + self.umim_virtual_base
+        with torch.inference_mode():
+            return self.model.embed_input_ids(ids).float().cpu().tolist()
+
     def _update_states(self, scheduler_output):
         if not getattr(self.input_batch, "umim_raw_prompts", False):
             self.input_batch._make_prompt_token_ids_cpu_tensor = partial(raw_prompt_token_ids, self.input_batch, self.umim_rule_table)

@@ -24,6 +24,9 @@ class UmimCPUWorker(CPUWorker):
             raise RuntimeError("UMIM needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
         self.model_runner = UmimCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
+    def umim_input_embeddings(self, rule_ids: list[int]) -> list[list[float]]:  # LLM.collective_rpc
+        return self.model_runner.umim_input_embeddings(rule_ids)
+
 
 def _gpu_worker_cls():
     """The GPU twin (built lazily: importing vLLM's GPU worker needs a CUDA platform)."""
@@ -39,6 +42,9 @@ def _gpu_worker_cls():
             if getattr(self, "use_v2_model_runner", False):
                 raise RuntimeError("UMIM needs vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0")
             self.model_runner = UmimGPUModelRunner(self.vllm_config, self.device)
+
+        def umim_input_embeddings(self, rule_ids: list[int]) -> list[list[float]]:  # LLM.collective_rpc
+            return self.model_runner.umim_input_embeddings(rule_ids)
 
     return UmimGPUWorker
 

@@ -41,7 +41,8 @@ def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
                         + " ".join(DEFAULT_VARIANTS) + "); a value that is not JSON is taken as a string")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                    help='merged into additional_config["umim"] of the fp32 engine (repeatable)')
-    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated prompt kinds")
+    p.add_argument("--kinds", default=None,
+                   help=f"comma-separated prompt kinds (default: {','.join(KINDS)}; 'chat' left out for a model without a chat template)")
     p.add_argument("--limit", type=int, default=DEFAULT_PROMPTS_PER_KIND, help="prompts per kind")
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     p.add_argument("--compile", action="store_true", help="fp32 engine: keep vLLM's default torch.compile (default: eager)")
@@ -68,14 +69,15 @@ def run_fidelity(args) -> dict:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     from transformers import AutoTokenizer
 
-    from vllm_umim.evaluation.fidelity_prompts import build_prompts, prompts_digest
+    from vllm_umim.evaluation.fidelity_prompts import build_prompts, default_kinds, prompts_digest
 
     variants = dict(parse_assignment(s) for s in (args.variant or DEFAULT_VARIANTS))
     engine_options = dict(parse_assignment(s) for s in args.engine_option)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompts = {kind: build_prompts(kind, tokenizer, args.limit) for kind in args.kinds.split(",")}
+    kinds = args.kinds.split(",") if args.kinds else default_kinds(tokenizer)
+    prompts = {kind: build_prompts(kind, tokenizer, args.limit) for kind in kinds}
     seconds["prompts"] = time.perf_counter() - clock
     result = {
         "model": str(args.model), "rules": str(args.rules), "module": args.module, "max_tokens": args.max_tokens,

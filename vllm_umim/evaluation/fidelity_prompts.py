@@ -10,6 +10,11 @@
   by :mod:`vllm_umim.data.qa`).
 * ``gsm8k``: a GSM8K test question and the first line of its reference solution (calculator
   annotations removed), as plain text; out of domain for Wikipedia rules.
+
+Plain-text prompts (wiki, gsm8k) start with the model's BOS where its tokenizer adds one
+(:func:`vllm_umim.module.batches.bos_prefix`); chat prompts get theirs from the template.
+A model without a chat template (a base model) has no chat kind: ``vllm-umim fidelity`` leaves it
+out with one message.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from vllm_umim.errors import UmimError
+from vllm_umim.module.batches import bos_prefix
 
 KINDS = ("wiki", "chat", "gsm8k")
 DEFAULT_PROMPTS_PER_KIND = 100
@@ -63,6 +69,22 @@ def prompts_digest(prompts: list[FidelityPrompt]) -> str:
     return hashlib.sha256(json.dumps([p.token_ids for p in prompts]).encode()).hexdigest()[:16]
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template (base models such as Gemma 3 270M have none)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def default_kinds(tokenizer) -> list[str]:
+    """Every kind, less 'chat' for a model without a chat template (said once on stderr)."""
+    if has_chat_template(tokenizer):
+        return list(KINDS)
+    import sys
+
+    print(f"fidelity: {getattr(tokenizer, 'name_or_path', 'the model')} has no chat template (a base model): "
+          "the 'chat' prompts are skipped", file=sys.stderr)
+    return [kind for kind in KINDS if kind != "chat"]
+
+
 def _heldout_documents() -> list[str]:
     from vllm_umim.data.corpus import fetch_corpus, read_documents
 
@@ -70,12 +92,13 @@ def _heldout_documents() -> list[str]:
 
 
 def _wiki_prompts(tokenizer) -> Iterator[FidelityPrompt]:
+    bos = bos_prefix(tokenizer)  # plain-text prompts start as the tokenizer starts text (Gemma: <bos>)
     for document in _heldout_documents():
         ids = tokenizer(document, add_special_tokens=False)["input_ids"]
         end = _word_boundary(tokenizer, ids, WIKI_PROMPT_TOKENS)
         if end:
             ids = ids[:end]
-            yield FidelityPrompt("wiki", "wiki", tokenizer.decode(ids), ids)
+            yield FidelityPrompt("wiki", "wiki", tokenizer.decode(ids), bos + ids)
 
 
 def _word_boundary(tokenizer, ids: list[int], limit: int) -> int:
@@ -91,8 +114,11 @@ def _word_boundary(tokenizer, ids: list[int], limit: int) -> int:
 
 def _chat_prompts(tokenizer) -> Iterator[FidelityPrompt]:
     """Round robin over the sources, so any prefix (``--limit``) mixes them all."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise PromptKindError("the 'chat' prompts need a tokenizer with a chat template")
+    if not has_chat_template(tokenizer):
+        raise PromptKindError(
+            f"the 'chat' prompts need a chat template; {getattr(tokenizer, 'name_or_path', 'this model')} has none "
+            "(a base model): leave 'chat' out of --kinds"
+        )
     sources = [_arc("arc_easy"), _arc("arc_challenge"), _arc("openbookqa"), _piqa_how_to(), _instructions()]
     while sources:
         for source in list(sources):
@@ -139,7 +165,8 @@ def _instructions() -> Iterator[tuple[str, str]]:
 def _gsm8k_prompts(tokenizer) -> Iterator[FidelityPrompt]:
     from vllm_umim.data.qa import load_gsm8k
 
+    bos = bos_prefix(tokenizer)
     for question, answer in load_gsm8k():
         first_step = re.sub(r"<<[^>]*>>", "", answer.split("\n", 1)[0]).strip()
         text = f"Question: {question.strip()}\nAnswer: {first_step}"
-        yield FidelityPrompt("gsm8k", "gsm8k", text, tokenizer(text, add_special_tokens=False)["input_ids"])
+        yield FidelityPrompt("gsm8k", "gsm8k", text, bos + tokenizer(text, add_special_tokens=False)["input_ids"])

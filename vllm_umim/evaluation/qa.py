@@ -20,7 +20,7 @@ import time
 import torch
 
 from vllm_umim.evaluation.perplexity import base_token_nll, two_stage_token_nll
-from vllm_umim.module.batches import segment
+from vllm_umim.module.batches import bos_prefix, segment
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "copa", "openbookqa")
 
@@ -32,6 +32,7 @@ def evaluate_qa(model, tokenizer, rules, modules: dict, tasks=TASKS, limit: int 
     from vllm_umim.data.qa import load_task
 
     results = {}
+    bos = bos_prefix(tokenizer)  # the model's BOS first where its tokenizer adds one (Gemma)
     for task in tasks:
         items = load_task(task, "validation", limit)
         correct = {"base": 0, **{name: 0 for name in modules}}
@@ -43,7 +44,7 @@ def evaluate_qa(model, tokenizer, rules, modules: dict, tasks=TASKS, limit: int 
 
             bar = tqdm(total=len(items), desc=task, unit="q")
         for item in items:
-            ctx = tokenizer(item.context, add_special_tokens=False)["input_ids"]
+            ctx = bos + tokenizer(item.context, add_special_tokens=False)["input_ids"]
             scores = {"base": [], **{name: [] for name in modules}}
             for choice in item.choices:
                 cont = tokenizer(choice, add_special_tokens=False)["input_ids"]

@@ -36,7 +36,7 @@ from vllm_umim.policies import GreedyLongestMatch, Segmentation
 from vllm_umim.rules import RuleSet
 from vllm_umim.rules.ruleset import MAX_SPAN
 
-__all__ = ["AlignmentError", "Batch", "Segmentation", "check_alignment", "collate", "corpus_windows", "segment",
+__all__ = ["AlignmentError", "Batch", "Segmentation", "check_alignment", "bos_prefix", "collate", "corpus_windows", "segment",
            "student_embeddings"]
 
 
@@ -132,12 +132,27 @@ def tokenize_corpus(documents: list[str], tokenizer, max_tokens: int | None = No
     return stream[:max_tokens] if max_tokens is not None else stream
 
 
-def make_windows(stream: list[int], seq_len: int, max_windows: int | None = None) -> list[list[int]]:
-    """Non-overlapping ``seq_len`` windows of the token stream (the tail is dropped)."""
-    n = len(stream) // seq_len
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer puts BOS first when it encodes text (Gemma: the model
+    needs it and decodes garbage without), else ``[]`` (SmolLM2). Corpus windows and prompts built
+    from ``add_special_tokens=False`` ids start with this, as the model saw text in pretraining."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def make_windows(stream: list[int], seq_len: int, max_windows: int | None = None, prefix: list[int] = ()) -> list[list[int]]:
+    """Non-overlapping ``seq_len`` windows of the token stream (the tail is dropped); with a
+    ``prefix`` (the BOS of :func:`bos_prefix`) each window is the prefix and ``seq_len - len(prefix)``
+    stream tokens."""
+    prefix = list(prefix)
+    step = seq_len - len(prefix)
+    n = len(stream) // step
     if max_windows is not None:
         n = min(n, max_windows)
-    return [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]
+    return [prefix + stream[i * step : (i + 1) * step] for i in range(n)]
 
 
 def student_embeddings(batch: Batch, embedding: torch.nn.Embedding, module) -> torch.Tensor:
@@ -169,13 +184,13 @@ def corpus_windows(
     """(train windows, validation windows) from a one-document-per-line corpus.
 
     The whole corpus is tokenized and cut into ``seq_len`` windows, which are shuffled with a
-    fixed seed; the last ``val_windows`` of the permutation are the validation set (for early
+    fixed seed (each starts with the model's BOS where its tokenizer adds one); the last ``val_windows`` of the permutation are the validation set (for early
     stopping) and the first ``num_train_tokens // seq_len`` the training set, so a larger
     budget extends a smaller one (the teacher cache resumes) and never overlaps validation.
     """
     from vllm_umim.data.corpus import read_documents
 
-    windows = make_windows(tokenize_corpus(read_documents(corpus_path), tokenizer), seq_len)
+    windows = make_windows(tokenize_corpus(read_documents(corpus_path), tokenizer), seq_len, prefix=bos_prefix(tokenizer))
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
     val = [windows[i] for i in order[len(order) - val_windows :]] if val_windows else []
     available = len(order) - val_windows

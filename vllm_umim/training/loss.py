@@ -39,7 +39,9 @@ def student_logits(model, module, batch: Batch) -> torch.Tensor:
     hidden = model.model(
         inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state
-    return model.lm_head(hidden[batch.loss_mask]).float()
+    logits = model.lm_head(hidden[batch.loss_mask]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 (HF applies it after lm_head)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def distillation_loss(
