@@ -30,12 +30,12 @@ def cells(figures: dict) -> list[str]:
     ]
 
 
-def ppl_cell(rules: str, ppl_dir: Path | None) -> str:
+def ppl_cell(rules: str, ppl_dir: Path | None, module: str = "trained") -> str:
     path = ppl_dir / f"ppl-{Path(rules).stem}.json" if ppl_dir else None
     if path is None or not path.is_file():
         return "–"
     heldout = json.loads(path.read_text())["heldout"]
-    trained = heldout["modules"]["trained"]["ppl"]
+    trained = heldout["modules"][module]["ppl"]
     return f"{trained:.1f} (+{100 * (trained / heldout['base_ppl'] - 1):.0f} %)"
 
 
@@ -49,10 +49,14 @@ def main(argv=None) -> None:
     bf16 = None
     for path in args.files:
         result = json.loads(path.read_text())
+        if "figures" not in result:
+            continue  # a ppl-*.json of `vllm-umim eval` beside the fidelity files
         bf16 = bf16 or result.get("bf16")
         for variant, figures in result["figures"].items():
-            ppl = ppl_cell(result["rules"], args.ppl_dir) if variant == "prompt" else "–"
-            print(f"| {Path(result['rules']).stem} | {variant} | " + " | ".join(cells(figures)) + f" | {ppl} |")
+            module = "mean" if result.get("module") == "mean" else "trained"
+            ppl = ppl_cell(result["rules"], args.ppl_dir, module) if variant == "prompt" else "–"
+            rules = Path(result["rules"]).stem + (" (mean pooling)" if result.get("module") == "mean" else "")
+            print(f"| {rules} | {variant} | " + " | ".join(cells(figures)) + f" | {ppl} |")
     if bf16:
         print("| stock bf16 vs fp32 | (no merging) | – | " + " | ".join(cells(bf16)[1:]) + " | – |")
 

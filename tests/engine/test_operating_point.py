@@ -16,7 +16,7 @@ from vllm_umim.engine.patches import apply_patches
 from vllm_umim.errors import UmimError
 
 SHIPPED = {  # folder: the merge settings it was measured with (README "Operating points")
-    "faithful": {"mode": "prompt", "window": 16},
+    "faithful": {"mode": "prompt", "window": 48},
     "balanced": {"mode": "prompt", "window": 16},
     "max": {"mode": "dynamic"},
 }
