@@ -41,6 +41,22 @@ def compare(outputs, references, prompts):
     return exact, ties
 
 
+def merges_match_reference(outputs, references, ties) -> dict:
+    """Assert the engine's merge figures equal the reference's for every prompt not tied; return
+    the prefill and decode merges counted."""
+    tied = {index for index, _, _ in ties}
+    merges = {"prefill": 0, "decode": 0}
+    for index, (output, reference) in enumerate(zip(outputs, references)):
+        if index in tied:
+            continue
+        stats = merge_stats(output)
+        assert (stats["positions"], stats["prefill_merges"], stats["decode_merges"]) == (
+            len(reference.elements), reference.prefill_merges, reference.decode_merges), index
+        merges["prefill"] += stats["prefill_merges"]
+        merges["decode"] += stats["decode_merges"]
+    return merges
+
+
 @pytest.mark.parametrize("mode", ["prompt", "dynamic"])
 def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, tokenizer, mode):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": mode})
@@ -95,16 +111,7 @@ def test_engine_equals_reference_per_policy(umim_llm, reference_for, heldout_pro
     references = [runtime.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in prompts]
     exact, ties = compare(outputs, references, prompts)
     assert exact >= POLICY_PROMPTS - 2
-    tied = {index for index, _, _ in ties}
-    merges = {"prefill": 0, "decode": 0}
-    for index, (output, reference) in enumerate(zip(outputs, references)):
-        if index in tied:
-            continue
-        stats = merge_stats(output)
-        assert (stats["positions"], stats["prefill_merges"], stats["decode_merges"]) == (
-            len(reference.elements), reference.prefill_merges, reference.decode_merges), index
-        merges["prefill"] += stats["prefill_merges"]
-        merges["decode"] += stats["decode_merges"]
+    merges = merges_match_reference(outputs, references, ties)
     print(f"{name}: {merges}")
     assert merges["prefill"] > 0 and (merges["decode"] > 0) == (options["mode"] == "dynamic")
 

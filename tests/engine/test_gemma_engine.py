@@ -12,7 +12,7 @@ import pytest
 from vllm import SamplingParams
 
 from tests.engine.conftest import GEMMA_RULES, gemma_module_for_tests, token_prompts
-from tests.engine.test_engine_matches_reference import compare
+from tests.engine.test_engine_matches_reference import compare, merges_match_reference
 from vllm_umim import merge_stats
 from vllm_umim.errors import MismatchError
 
@@ -61,16 +61,7 @@ def test_gemma_engine_equals_reference(gemma_llm, gemma_references, gemma_prompt
     references = [runtime.generate(p, MAX_TOKENS, eos_token_ids=(gemma_tokenizer.eos_token_id,)) for p in gemma_prompts]
     exact, ties = compare(outputs, references, gemma_prompts)
     assert exact >= PROMPTS - 2
-    tied = {index for index, _, _ in ties}
-    merges = {"prefill": 0, "decode": 0}
-    for index, (output, reference) in enumerate(zip(outputs, references)):
-        if index in tied:
-            continue
-        stats = merge_stats(output)
-        assert (stats["positions"], stats["prefill_merges"], stats["decode_merges"]) == (
-            len(reference.elements), reference.prefill_merges, reference.decode_merges), index
-        merges["prefill"] += stats["prefill_merges"]
-        merges["decode"] += stats["decode_merges"]
+    merges = merges_match_reference(outputs, references, ties)
     figures = [merge_stats(o) for o in outputs]
     tr = 1 - sum(f["positions"] for f in figures) / sum(f["raw_tokens"] for f in figures)
     print(f"gemma {mode}: {exact}/{PROMPTS} exact, merges {merges}, TR {tr:.1%}")
