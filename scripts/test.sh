@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/check_cuda_compile.sh
-python -m pytest -q -ra tests "$@"
+python -m pytest -q -ra --durations=40 tests "$@"

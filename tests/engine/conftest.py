@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 from pathlib import Path
 
@@ -87,21 +88,31 @@ def umim_llm(model_dir):
     return LLM(model=model_dir, additional_config={"umim": options}, **ENGINE_ARGS)
 
 
-@pytest.fixture(scope="session")
+def engine_until_done(**kwargs):
+    """An engine for a fixture, shut down when the fixture ends. The engines only these engine tests
+    use end with this package (``scope="package"``), so the servers the server tests start later
+    find the memory they need; ``stock_llm`` and ``umim_llm`` serve both and live for the session."""
+    from vllm import LLM
+
+    llm = LLM(**kwargs)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="package")
 def default_umim_llm(model_dir):
-    from vllm import LLM
+    yield from engine_until_done(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}},
+                                 **DEFAULT_ENGINE_ARGS)
 
-    return LLM(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}}, **DEFAULT_ENGINE_ARGS)
 
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def empty_rules_llm(model_dir, empty_rules):
-    from vllm import LLM
-
-    return LLM(model=model_dir, additional_config={"umim": {"rules": empty_rules, "module": "mean"}}, **ENGINE_ARGS)
+    yield from engine_until_done(model=model_dir, additional_config={"umim": {"rules": empty_rules, "module": "mean"}}, **ENGINE_ARGS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hf_model(model_dir):
     import torch
     from transformers import AutoModelForCausalLM
@@ -116,7 +127,7 @@ def rules():
     return load_rules(RULES)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference_runtimes(hf_model, rules):
     """The HF reference runtime (the correctness oracle) per merge mode, with this session's module."""
     from vllm_umim.module import model_identity, resolve_module
@@ -126,7 +137,7 @@ def reference_runtimes(hf_model, rules):
     return {mode: ReferenceRuntime(hf_model, rules, module, dynamic=mode == "dynamic") for mode in ("prompt", "dynamic")}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference_for(reference_runtimes, hf_model, rules):
     """``reference_for(settings)``: the reference runtime with the policy ``MergeSettings`` builds."""
     from vllm_umim.reference import ReferenceRuntime
@@ -173,17 +184,17 @@ def gemma_tokenizer(gemma_dir):
     return AutoTokenizer.from_pretrained(gemma_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gemma_llm(gemma_dir):
-    """The one Gemma engine of the session (fp32, eager)."""
-    from vllm import LLM
-
+    """The Gemma engine (fp32, eager) of the module that asks for it, shut down after it: with a
+    262k vocabulary it and the HF model below hold ~3 GB that later engines of the session need."""
     options = {"rules": str(GEMMA_RULES), "module": gemma_module_for_tests()}
-    return LLM(model=gemma_dir, additional_config={"umim": options}, **GEMMA_ENGINE_ARGS)
+    yield from engine_until_done(model=gemma_dir, additional_config={"umim": options}, **GEMMA_ENGINE_ARGS)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gemma_hf_model(gemma_dir):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
+    yield AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
+    gc.collect()
