@@ -14,6 +14,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND_START = "vllm serve ~/.cache/vllm_umim/models/smollm2-135m --umim-rules "
+# longer than the balanced point's 16-token raw window, so some of it merges
+LONG_PROMPT = ("The history of the United States of America began with the arrival of the first people in the "
+               "Americas thousands of years ago. In the early 17th century, European settlers founded colonies "
+               "along the Atlantic coast, and the United States of America began")
 
 
 def readme_serve_command() -> list[str]:
@@ -30,7 +34,7 @@ def test_readme_serve_command_starts_in_vllm_defaults_and_merges(model_dir):
     model = str(Path(argv[2]).expanduser())
     assert Path(model).resolve() == Path(model_dir).resolve()
     with VllmServer(model, argv[3:], env=SERVER_ENV, start_timeout=900, cwd=str(ROOT)) as server:
-        body = {"model": model, "prompt": "The history of the United States of America began", "max_tokens": 32,
+        body = {"model": model, "prompt": LONG_PROMPT, "max_tokens": 32,
                 "temperature": 0, "ignore_eos": True}
         response = httpx.post(server.url + "/v1/completions", json=body, timeout=300)
         assert response.status_code == 200, response.text
