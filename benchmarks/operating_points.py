@@ -23,7 +23,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("wiki", "chat", "gsm8k")
-DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,6 +42,8 @@ def module_hash(rules: str, module: str | None) -> str | None:
         return "mean"
     if module:
         return content_hash(module)
+    from vllm_umim.engine.config import DEFAULT_MODULE_NAMES
+
     for name in DEFAULT_MODULE_NAMES:
         found = content_hash(str(Path(rules).with_name(name)))
         if found:

@@ -168,7 +168,7 @@ def gguf_add_bos(path: Path) -> bool:
 
 def adds_bos(tokenizer) -> bool:
     """Whether encoding text with special tokens puts the BOS token first."""
-    if tokenizer.bos_token_id is None:
+    if getattr(tokenizer, "bos_token_id", None) is None:
         return False
     ids = tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id

@@ -136,11 +136,9 @@ def bos_prefix(tokenizer) -> list[int]:
     """``[bos_token_id]`` if the tokenizer puts BOS first when it encodes text (Gemma: the model
     needs it and decodes garbage without), else ``[]`` (SmolLM2). Corpus windows and prompts built
     from ``add_special_tokens=False`` ids start with this, as the model saw text in pretraining."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    ids = tokenizer("a")["input_ids"]
-    return [bos] if ids and ids[0] == bos else []
+    from vllm_umim.data.model import adds_bos
+
+    return [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
 
 
 def make_windows(stream: list[int], seq_len: int, max_windows: int | None = None, prefix: list[int] = ()) -> list[list[int]]:
