@@ -186,6 +186,43 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_refinement_trains_only_the_residuals(tmp_path):
+    """--refine-rules: step 0 is the base module exactly; only the residuals move; val loss falls."""
+    from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
+    from vllm_umim.module.refinement import most_frequent_spans
+
+    model, rules = _setup(tmp_path)
+    torch.manual_seed(3)
+    base_module = MergeModule(MergeModuleConfig(32))
+    for p in base_module.parameters():
+        p.data.normal_(0, 0.1)
+    ngrams = most_frequent_spans([list(r) for r in RULES[:3]], 3, 4)
+    trainer = Trainer(model, rules, TeacherCache(tmp_path / "cache" / "train"), TeacherCache(tmp_path / "cache" / "val"),
+                      tmp_path / "run", TrainConfig(max_tokens=16 * 4 * 20, batch_size=4, lr=2e-2, eval_every=4,
+                                                    patience=0, checkpoint_every=0, progress=False, train_part="refinement"),
+                      module=base_module.refined(ngrams))
+    start = trainer.validate()
+    plain = Trainer(model, rules, TeacherCache(tmp_path / "cache" / "train"), TeacherCache(tmp_path / "cache" / "val"),
+                    tmp_path / "plain", TrainConfig(progress=False), module=base_module).validate()
+    assert start == pytest.approx(plain, abs=1e-6)
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    meta = trainer.fit()
+    after = trainer.module.state_dict()
+    assert meta["train_part"] == "refinement" and meta["best_val_loss"] < start - 1e-3
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("refinement.residuals"))
+    assert after["refinement.residuals"].abs().sum() > 0
+
+
+def test_bf16_autocast_step_runs_and_stays_close(tmp_path):
+    model, rules = _setup(tmp_path)
+    fp32 = _trainer(tmp_path, model, rules).validate()
+    bf16 = _trainer(tmp_path, model, rules, precision="bf16").validate()
+    assert bf16 == pytest.approx(fp32, rel=0.05) and bf16 != fp32
+    trainer = _trainer(tmp_path, model, rules, precision="bf16", max_tokens=16 * 4 * 2, eval_every=0, checkpoint_every=0)
+    trainer.fit()
+    assert trainer.step == 2 and all(p.dtype == torch.float32 for p in trainer.module.parameters())
+
+
 def test_lr_schedule():
     assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
     assert lr_factor(9, 100, 10, "cosine") == pytest.approx(1.0)

@@ -37,10 +37,10 @@ TABLE_CHUNK = 4096  # rules per merge-module call while building the table
 
 def rule_token_embeddings(embedding: nn.Module, rule_table: torch.Tensor, rule_ids: torch.Tensor, scale: float = 1.0):
     """[S, 4, d] static input embeddings (``embedding`` times ``scale``) of the rules' tokens (pad
-    rows embed token 0) and [S] lengths."""
+    rows embed token 0), [S] lengths and [S, 4] the tokens themselves (-1 padded)."""
     spans = rule_table[rule_ids]
     embeds = embedding(spans.clamp(min=0))
-    return (embeds * scale if scale != 1.0 else embeds), (spans >= 0).sum(dim=1)
+    return (embeds * scale if scale != 1.0 else embeds), (spans >= 0).sum(dim=1), spans
 
 
 def input_scale(model: nn.Module, embedding: nn.Module) -> float:
@@ -76,8 +76,8 @@ class SurrogateTable(nn.Module):
         with torch.inference_mode():
             for start in range(0, len(rule_table), TABLE_CHUNK):
                 rule_ids = torch.arange(start, min(start + TABLE_CHUNK, len(rule_table)), device=rule_table.device)
-                embeds, lengths = rule_token_embeddings(embedding, rule_table, rule_ids, scale)
-                surrogates = merge_module(embeds.to(module_dtype), lengths)
+                embeds, lengths, tokens = rule_token_embeddings(embedding, rule_table, rule_ids, scale)
+                surrogates = merge_module(embeds.to(module_dtype), lengths, tokens)
                 rows.append((surrogates / scale if scale != 1.0 else surrogates).to(dtype))
         table = torch.cat(rows) if rows else torch.zeros(0, embedding.weight.shape[-1], dtype=dtype)
         self.register_buffer("table", table.clone(), persistent=False)
@@ -91,18 +91,24 @@ class SurrogateTable(nn.Module):
 
 
 class SurrogateOnTheFly(nn.Module):
-    """The merge module applied to the rule tokens of every position of the step."""
+    """The merge module applied to the rule tokens of every position of the step. A refined
+    module's per-rule entries are looked up once at load (``refine_index`` [R]), not per step."""
 
     def __init__(self, merge_module: nn.Module, rule_table: torch.Tensor, scale: float = 1.0):
         super().__init__()
         self.merge_module = merge_module
         self.scale = scale  # fixed at load: the branches below are not data-dependent
         self.register_buffer("rule_table", rule_table.long(), persistent=False)  # [R, 4], -1 padded
+        self.refinement = merge_module.refinement
+        if self.refinement is not None:
+            self.register_buffer("refine_index", self.refinement.lookup(self.rule_table), persistent=False)
 
     def forward(self, embedding: nn.Module, rule_ids: torch.Tensor) -> torch.Tensor:
-        embeds, lengths = rule_token_embeddings(embedding, self.rule_table, rule_ids, self.scale)
+        embeds, lengths, _ = rule_token_embeddings(embedding, self.rule_table, rule_ids, self.scale)
         module_dtype = next(self.merge_module.parameters()).dtype
-        surrogates = self.merge_module(embeds.to(module_dtype), lengths)
+        surrogates = self.merge_module.pool(embeds.to(module_dtype), lengths)
+        if self.refinement is not None:
+            surrogates = self.refinement(surrogates, self.refine_index[rule_ids])
         return surrogates / self.scale if self.scale != 1.0 else surrogates
 
 

@@ -166,7 +166,7 @@ def student_embeddings(batch: Batch, embedding: torch.nn.Embedding, module) -> t
         spans = embeds[merged]  # [S, 4, d]
         lengths = batch.element_lengths[merged]
         mod_dtype = next(module.parameters()).dtype
-        surrogate = module(spans.to(mod_dtype), lengths).to(out.dtype)
+        surrogate = module(spans.to(mod_dtype), lengths, batch.element_tokens[merged]).to(out.dtype)
         out = out.masked_scatter(merged[..., None], surrogate)
     return out * batch.attention_mask[..., None].to(out.dtype)
 

@@ -23,6 +23,7 @@ from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 FORMAT = "merge-module/1"
 MEAN_POOLING = "mean"  # module path meaning "the untrained mean-pooling baseline"
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_INT_TENSORS = {"refinement.ngrams": ("I64", "I32")}  # token ids; every other tensor is a weight
 
 
 def model_identity(hf_config) -> dict:
@@ -90,6 +91,9 @@ def _module_config(meta: dict, path) -> MergeModuleConfig:
         value = fields.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModuleFileError(f"{path} has an invalid module config: {key} is {value!r}, expected a positive integer")
+    refined = fields.get("refined_rules", 0)
+    if not isinstance(refined, int) or isinstance(refined, bool) or refined < 0:
+        raise ModuleFileError(f"{path} has an invalid module config: refined_rules is {refined!r}, expected an integer >= 0")
     try:
         return MergeModuleConfig(**fields)
     except (TypeError, ValueError) as exc:
@@ -115,7 +119,10 @@ def _read_state(path, config: MergeModuleConfig) -> dict[str, torch.Tensor]:
                 info = f.get_slice(name)
                 if tuple(info.get_shape()) != shape:
                     raise ModuleFileError(f"{path}: tensor {name} has shape {tuple(info.get_shape())}, expected {shape}")
-                if info.get_dtype() not in _FLOAT_DTYPES:
+                if name in _INT_TENSORS:
+                    if info.get_dtype() not in _INT_TENSORS[name]:
+                        raise ModuleFileError(f"{path}: tensor {name} has dtype {info.get_dtype()}; expected token ids ({', '.join(_INT_TENSORS[name])})")
+                elif info.get_dtype() not in _FLOAT_DTYPES:
                     raise ModuleFileError(f"{path}: tensor {name} has dtype {info.get_dtype()}; merge module weights are floating point (F64, F32, F16, BF16)")
             state = {name: f.get_tensor(name) for name in expected}
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
@@ -123,7 +130,7 @@ def _read_state(path, config: MergeModuleConfig) -> dict[str, torch.Tensor]:
             raise
         raise ModuleFileError(f"{path} is not a readable safetensors merge module: {exc}") from None
     for name, tensor in state.items():
-        if not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModuleFileError(f"{path} is corrupted: tensor {name} holds NaN or infinite values")
     return state
 
@@ -161,6 +168,12 @@ def load_module(
     state = _read_state(path, config)
     module = MergeModule(config)
     module.load_state_dict(state)
+    if module.refinement is not None:
+        try:
+            vocab_size = meta["model"].get("vocab_size")
+            module.refinement.check(vocab_size if isinstance(vocab_size, int) else None)
+        except ValueError as exc:
+            raise ModuleFileError(f"{path} has a corrupted per-rule refinement: {exc}") from None
     return module.eval(), meta
 
 

@@ -11,6 +11,10 @@ values of the pooling, followed by the output projection.
 
 The module sees only static embeddings, never the LM's hidden states, so a span's surrogate does
 not depend on its context: it can be computed for any batch of spans in one call.
+
+A module may carry a per-rule refinement (:mod:`~vllm_umim.module.refinement`): a learned residual
+for its K most frequent n-grams, looked up by the span's tokens, so callers pass ``span_tokens``
+whenever ``config.refined_rules`` > 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from vllm_umim.module.refinement import RuleRefinement
 
 VARIANTS = ("paper", "token_processor")
 
@@ -32,6 +38,7 @@ class MergeModuleConfig:
     num_heads: int = 4
     variant: str = "paper"
     max_span: int = 4
+    refined_rules: int = 0  # K n-grams with a learned residual (module/refinement.py); 0: none
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -66,9 +73,22 @@ class MergeModule(nn.Module):
             self.token_processor = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.output_proj = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.output_proj.weight)
+        self.refinement = None
+        if config.refined_rules:
+            self.refinement = RuleRefinement(torch.full((config.refined_rules, config.max_span), -1), d)
 
-    def forward(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor) -> torch.Tensor:
-        """span_embeds: [S, L, d] (rows past each length are ignored); span_lengths: [S] in 1..L."""
+    def forward(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor, span_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """span_embeds: [S, L, d] (rows past each length are ignored); span_lengths: [S] in 1..L;
+        span_tokens: [S, L] the spans' token ids, -1 padded (required when the module is refined)."""
+        surrogates = self.pool(span_embeds, span_lengths)
+        if self.refinement is None:
+            return surrogates
+        if span_tokens is None:
+            raise ValueError("this merge module has a per-rule refinement: pass the spans' tokens (span_tokens)")
+        return self.refinement(surrogates, self.refinement.lookup(span_tokens))
+
+    def pool(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor) -> torch.Tensor:
+        """The attention pooling M(e) of §3.2, without any per-rule refinement."""
         num_spans, max_len, d = span_embeds.shape
         if self.config.variant == "paper":
             keys, values = self.key_proj(span_embeds), self.value_proj(span_embeds)
@@ -85,3 +105,14 @@ class MergeModule(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def refined(self, ngrams: torch.Tensor) -> "MergeModule":
+        """A copy of this module with a zero-residual refinement for ``ngrams`` ([K, max_span], -1
+        padded): it computes exactly what this module computes until its residuals are trained."""
+        config = MergeModuleConfig(**{**self.config.to_dict(), "refined_rules": len(ngrams)})
+        module = MergeModule(config)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("refinement.")}
+        module.load_state_dict(state, strict=False)
+        module.refinement = RuleRefinement(ngrams, config.hidden_size)
+        module.refinement.check()
+        return module

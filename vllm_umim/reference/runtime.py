@@ -112,7 +112,8 @@ class ReferenceRuntime:
                 padded = torch.zeros(MAX_SPAN, token_embeds.shape[1], dtype=token_embeds.dtype)
                 padded[: len(element.tokens)] = token_embeds
                 length = torch.tensor([len(element.tokens)])
-                rows.append(self.merge_module(padded[None].to(self._module_dtype), length)[0].to(token_embeds.dtype))
+                tokens = torch.tensor([list(element.tokens) + [-1] * (MAX_SPAN - len(element.tokens))])
+                rows.append(self.merge_module(padded[None].to(self._module_dtype), length, tokens)[0].to(token_embeds.dtype))
             else:
                 rows.append(token_embeds[0])
         return torch.stack(rows)
