@@ -48,7 +48,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="add a per-rule residual for the K spans merged most often in the training windows and train "
                         "only those residuals (module/refinement.py); the module's own weights stay fixed")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: autocast for the student's forward (1.37x on a CPU with AVX512-BF16; fp32 teacher cache)")
+                   help="bf16: autocast for the student's forward (1.5x on a CPU with AVX512-BF16, slower without; the teacher cache stays fp32)")
     p.add_argument("--target", choices=("renorm", "bucket"), default="renorm", help="teacher top-k target (see training/loss.py)")
     p.add_argument("--k", type=int, default=64, help="teacher top-k kept in the cache")
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoints and log.jsonl (default: <output>.run/)")
