@@ -128,3 +128,14 @@ def test_mix_errors_name_the_problem(model_dir, corpus_dir, tokenizer, tmp_path)
         build(model_dir, corpus_dir, tmp_path / "mix.jsonl", lambda prompts, sampling: [], chat=1)
     assert not (tmp_path / "mix.jsonl").exists()
 
+
+def test_training_mix_subcommand_parses():
+    from vllm_umim.cli.main import build_parser
+
+    args = build_parser().parse_args(["training-mix", "--model", "m", "-o", "mix.jsonl", "--chat", "4", "--continuations", "5",
+                                      "--wiki", "6", "--seed", "7", "--max-new-tokens", "96"])
+    assert (args.command, str(args.model), str(args.output)) == ("training-mix", "m", "mix.jsonl")
+    assert (args.chat, args.continuations, args.wiki, args.seed, args.max_new_tokens) == (4, 5, 6, 7, 96)
+    defaults = build_parser().parse_args(["training-mix", "--model", "m", "-o", "mix.jsonl"])
+    assert (defaults.chat, defaults.continuations, defaults.wiki, defaults.seed) == (0, 0, 0, 0)
+    assert (defaults.temperature, defaults.top_p) == (0.7, 0.95)
