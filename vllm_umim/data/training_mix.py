@@ -26,7 +26,7 @@ mix. It goes through the ``generate`` parameter (token prompts in, generated tok
 tests inject a fake one, the default starts stock vLLM (:func:`generate_with_stock_vllm`).
 Records are shuffled (seeded), so any prefix of the file mixes the sources. Beside the output,
 ``<name>.manifest.json`` records counts and tokens per source, the seed, the sampling settings,
-the model and how long generation took.
+the model and how long the generate call took.
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ def build_training_mix(
         "tokens": _tokens_per_source(tokenizer, records),
         "generated_tokens": generated_tokens,
         "generations_at_max_length": sum(len(ids) >= max_new_tokens for ids in generated),
-        "generate_seconds": round(seconds, 1),  # the whole call, engine start included
-        "generated_tokens_per_second": round(generated_tokens / seconds, 1) if seconds > 0 and generated_tokens else None,
+        # the whole generate call, engine start included (the stock generator prints the split on stderr)
+        "generate_call_seconds": round(seconds, 1),
+        "generated_tokens_per_call_second": round(generated_tokens / seconds, 1) if seconds > 0 and generated_tokens else None,
     }
     _write_atomically(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _write_atomically(manifest_path(out_path), json.dumps(manifest, indent=2) + "\n")
