@@ -21,8 +21,8 @@ Disjoint from the evaluation sets: only ``train.txt`` of ``fetch_corpus("wiki")`
 is opened. Each train article feeds at most one record. Articles are drawn for chat first, then
 continuations, then wiki, so ``--wiki`` never changes the generated records.
 
-Generation samples (``temperature``, ``top_p``) with a seed per request, so a seed gives the same
-mix. It goes through the ``generate`` parameter (token prompts in, generated token ids out);
+Generation samples (``temperature``, ``top_p``) from an engine seeded with ``seed``, so a seed
+gives the same mix. It goes through the ``generate`` parameter (token prompts in, generated token ids out);
 tests inject a fake one, the default starts stock vLLM (:func:`generate_with_stock_vllm`).
 Records are shuffled (seeded), so any prefix of the file mixes the sources. Beside the output,
 ``<name>.manifest.json`` records counts and tokens per source, the seed, the sampling settings,
@@ -162,7 +162,8 @@ def manifest_path(out_path: str | Path) -> Path:
 
 def generate_with_stock_vllm(model_dir: str | Path, prompts: Sequence[Sequence[int]], sampling: Sampling) -> list[list[int]]:
     """Sampled continuations of token prompts from a stock (no UMIM) fp32 eager vLLM engine,
-    started for this call and shut down after it; request ``i`` samples with seed ``seed + i``."""
+    started for this call and shut down after it, seeded with ``sampling.seed`` (the same prompts in
+    the same order give the same text)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     from vllm import LLM, SamplingParams
@@ -172,8 +173,10 @@ def generate_with_stock_vllm(model_dir: str | Path, prompts: Sequence[Sequence[i
     llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=ENGINE_MAX_MODEL_LEN, seed=sampling.seed)
     started = time.perf_counter()
     try:
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-                                 seed=sampling.seed + i, detokenize=False) for i in range(len(prompts))]
+        # no per-request seed: vLLM's CPU worker rewinds a request's generator with set_offset, which
+        # CPU generators refuse ("CPU Generator does not use offset"); the engine seed fixes the draws
+        params = SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                                detokenize=False)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], params, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
