@@ -131,3 +131,29 @@ def test_fetched_model_loads_in_transformers():
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert "<|im_start|>" in tokenizer.chat_template
     assert greedy_ids(model, tokenizer) == read_manifest(folder)["check"]["greedy_ids"]
+
+
+def test_read_documents_jsonl_keeps_newlines_and_ignores_other_fields(tmp_path):
+    path = tmp_path / "mix.jsonl"
+    path.write_text('{"text": "first\\nwith a newline", "source": "chat"}\n\n{"text": "second"}\n{"text": ""}\n', encoding="utf-8")
+    assert read_documents(path) == ["first\nwith a newline", "second"]
+
+
+def test_read_documents_txt_is_unchanged_by_json_lines(tmp_path):
+    path = tmp_path / "plain.txt"
+    path.write_text('{"text": "not parsed"}\n\nsecond line\n', encoding="utf-8")
+    assert read_documents(path) == ['{"text": "not parsed"}', "second line"]
+
+
+@pytest.mark.parametrize("bad_line, problem", [
+    ("not json", "line 2 is not JSON"),
+    ('["a list"]', "line 2 is a JSON list"),
+    ('{"source": "wiki"}', "line 2 has no string 'text'"),
+    ('{"text": 3}', "line 2 has no string 'text'"),
+])
+def test_read_documents_jsonl_names_file_and_line_of_a_bad_record(tmp_path, bad_line, problem):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n' + bad_line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=problem) as info:
+        read_documents(path)
+    assert str(path) in str(info.value)

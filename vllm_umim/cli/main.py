@@ -28,6 +28,17 @@ def cmd_fetch_corpus(args) -> None:
     print(fetch_corpus(args.name, out=args.out))
 
 
+def cmd_training_mix(args) -> None:
+    from vllm_umim.data.training_mix import build_training_mix, manifest_path
+
+    manifest = build_training_mix(args.model, args.output, chat=args.chat, continuations=args.continuations, wiki=args.wiki,
+                                  seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p)
+    print(f"wrote {args.output}: " + ", ".join(f"{n} {source} ({manifest['tokens'][source]} tokens)"
+                                              for source, n in manifest["counts"].items()))
+    print(f"manifest {manifest_path(args.output)}")
+
+
 def cmd_mine(args) -> None:
     from transformers import AutoTokenizer
 
@@ -154,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="wiki")
     p.add_argument("--out", type=Path)
     p.set_defaults(func=cmd_fetch_corpus)
+
+    p = sub.add_parser("training-mix", help="JSON Lines training text: train Wikipedia, chat and the model's own "
+                                            "continuations from stock vLLM (issue 10)")
+    p.add_argument("--model", required=True, type=Path, help="model folder (tokenizer, chat template, stock vLLM)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="*.jsonl; the manifest goes beside it")
+    p.add_argument("--chat", type=int, default=0, help="chat records: instruction + the model's answer")
+    p.add_argument("--continuations", type=int, default=0, help="records: article opening + the model's continuation")
+    p.add_argument("--wiki", type=int, default=0, help="train Wikipedia articles as they are")
+    p.add_argument("--seed", type=int, default=0, help="article choice, record order and sampling")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.set_defaults(func=cmd_training_mix)
 
     p = sub.add_parser("mine", help="mine merge rules (paper §3.1, App. A)")
     p.add_argument("--model", required=True, help="model folder (its tokenizer is used)")

