@@ -19,8 +19,16 @@ from pathlib import Path
 KINDS = ("wiki", "chat", "gsm8k")
 
 
+def module_name(result: dict) -> str:
+    """"mean pooling", "trained", or "refined (K)" for a module with a per-rule refinement of K n-grams."""
+    if result.get("module") == "mean":
+        return "mean pooling"
+    refined = (result.get("files") or {}).get("module_refined_rules", 0)
+    return f"refined ({refined})" if refined else "trained"
+
+
 def label(result: dict, variant: str) -> str:
-    module = "mean pooling" if result.get("module") == "mean" else "trained"
+    module = module_name(result)
     rules = Path(result["rules"]).stem
     return f"{module} · {rules} · {variant}"
 
@@ -31,6 +39,8 @@ def group(result: dict, variant: str) -> str:
         return "mean pooling"
     if Path(result["rules"]).stem != "rules":
         return "harm-selected rules"
+    if module_name(result).startswith("refined"):
+        return "per-rule refinement"
     if "window" in variant or "confidence" in variant:
         return "policies (window / confidence)"
     return "shipped rules, paper modes"

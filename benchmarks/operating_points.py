@@ -62,13 +62,20 @@ def settings_of(*options) -> tuple:
     return settings
 
 
+def recorded_hashes(result: dict) -> tuple[str | None, str | None]:
+    """(rules hash, module hash) a fidelity run used: recorded in its ``files`` (runs since the
+    per-rule refinement), else those of the files now at the paths it names."""
+    files = result.get("files")
+    if files:
+        return files["rules_sha256"], files["module_sha256"]
+    return content_hash(result["rules"]), module_hash(result["rules"], result.get("module"))
+
+
 def fidelity_row(point: dict, fidelity_files: list[Path]) -> tuple[dict, dict] | None:
     """(figures per kind, bf16 line) of the fidelity run with this point's rules, module and settings."""
     for path in fidelity_files:
         result = json.loads(path.read_text())
-        if "figures" not in result or content_hash(result["rules"]) != point["rules_hash"]:
-            continue
-        if module_hash(result["rules"], result.get("module")) != point["module_hash"]:
+        if "figures" not in result or recorded_hashes(result) != (point["rules_hash"], point["module_hash"]):
             continue
         for name, variant in result["variants"].items():
             if settings_of(result.get("engine_options", {}), variant) == point["settings"]:

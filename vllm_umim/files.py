@@ -9,6 +9,7 @@ through :func:`write_bytes_atomic`, which does the same.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def write_bytes_atomic(data: bytes, path: str | Path) -> None:
     tmp.write_bytes(data)
     os.chmod(tmp, normal_file_mode())
     tmp.replace(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes: what a measurement records to name the exact rules or module it used."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -29,20 +29,13 @@ def windows(count: int = 4, seed: int = 0) -> list[list[int]]:
     return out
 
 
-class BadForOneRule(torch.nn.Module):
-    """Mean pooling, except spans equal to ``tokens`` get a far-off surrogate."""
-
-    def __init__(self, embedding: torch.nn.Embedding, tokens: tuple[int, ...], hidden: int = 32):
-        super().__init__()
-        self.inner = MergeModule(MergeModuleConfig(hidden))
-        self.target = embedding.weight[list(tokens)].detach().clone()
-        self.n = len(tokens)
-        self.offset = torch.randn(hidden, generator=torch.Generator().manual_seed(1)) * 3
-
-    def forward(self, spans, lengths):
-        out = self.inner(spans, lengths)
-        hit = (lengths == self.n) & torch.isclose(spans[:, : self.n], self.target).all(-1).all(-1)
-        return out + hit[:, None] * self.offset
+def bad_for_one_rule(tokens: tuple[int, ...], hidden: int = 32) -> MergeModule:
+    """Mean pooling with a per-rule refinement that sends ``tokens``' surrogate far off."""
+    ngram = torch.full((1, 4), -1)
+    ngram[0, : len(tokens)] = torch.tensor(tokens)
+    module = MergeModule(MergeModuleConfig(hidden)).refined(ngram)
+    module.refinement.residuals.data[0] = torch.randn(hidden, generator=torch.Generator().manual_seed(1)) * 3
+    return module
 
 
 def mean_module():
@@ -91,7 +84,7 @@ def test_horizon_averages_the_following_rows(tiny_model):
 def test_a_bad_surrogate_is_attributed_to_its_rule(tiny_model):
     rules = make_ruleset(RULES)
     bad = (5, 6, 7)
-    module = BadForOneRule(tiny_model.get_input_embeddings(), bad).eval()
+    module = bad_for_one_rule(bad).eval()
     scored, _ = score_rules(tiny_model, module, rules, windows(6), progress=False)
     harm = scored.harm_scores()
     assert int(np.nanargmax(harm)) == rules.rule_ids[bad]
@@ -107,7 +100,7 @@ def test_aligned_kl_is_zero_for_equal_rows_and_positive_otherwise():
 
 def test_summary_reports_coverage_and_most_harmful(tiny_model, word_tokenizer):
     rules = make_ruleset(RULES)
-    module = BadForOneRule(tiny_model.get_input_embeddings(), (5, 6, 7)).eval()
+    module = bad_for_one_rule((5, 6, 7)).eval()
     scored, _ = score_rules(tiny_model, module, rules, windows(6), progress=False)
     heldout = [[60, 61, 1, 2, 5, 6, 7]]  # 3 merges, (60, 61) unscored
     summary = summarize_harm(scored, None, heldout, min_count=1)

@@ -123,6 +123,22 @@ class UmimConfig:
         return None
 
 
+def files_used(options: dict) -> dict:
+    """The exact rules and module files an engine with these UMIM options loads, by sha256, and the
+    module's refinement size: what measurements record so a figure stays tied to its files even if
+    a file at the same path is replaced later."""
+    from vllm_umim.files import file_sha256
+    from vllm_umim.module.file_format import MEAN_POOLING, read_metadata
+
+    config = UmimConfig.from_dict(options)
+    module = config.module_path()
+    used = {"rules_sha256": file_sha256(config.rules), "module_sha256": "mean", "module_refined_rules": 0}
+    if module is not None and str(module) != MEAN_POOLING:
+        used["module_sha256"] = file_sha256(module)
+        used["module_refined_rules"] = read_metadata(module)["config"].get("refined_rules", 0)
+    return used
+
+
 def virtual_base(vllm_config) -> int:
     """The first virtual id: the model's vocabulary size. A merged span of rule r is the id
     ``virtual_base + r`` in the scheduler's sequences and the runner's token rows."""

@@ -86,6 +86,9 @@ def run_fidelity(args) -> dict:
     }
     token_prompts = {kind: [p.token_ids for p in ps] for kind, ps in prompts.items()}
 
+    from vllm_umim.engine.config import files_used
+
+    result["files"] = files_used(umim_options(args, engine_options))
     figures, continuations = _umim_stage(args, variants, engine_options, token_prompts, seconds)
     result["figures"] = figures
     bf16_continuations = None
@@ -102,12 +105,17 @@ def run_fidelity(args) -> dict:
     return result
 
 
+def umim_options(args, engine_options: dict) -> dict:
+    """additional_config["umim"] of the fp32 engine."""
+    return {"rules": str(args.rules), **({"module": args.module} if args.module else {}), **engine_options}
+
+
 def _umim_stage(args, variants, engine_options, token_prompts, seconds):
     from vllm import LLM
 
     from vllm_umim.evaluation.fidelity import run_variants
 
-    options = {"rules": str(args.rules), **({"module": args.module} if args.module else {}), **engine_options}
+    options = umim_options(args, engine_options)
     clock = time.perf_counter()
     llm = LLM(model=str(args.model), dtype="float32", enforce_eager=not args.compile, max_model_len=MAX_MODEL_LEN,
               seed=0, additional_config={"umim": options})
