@@ -18,3 +18,19 @@ def test_teacher_ray_flags_parse():
     a = p.parse_args(["train", "--model", "m", "--rules", "r", "--corpus", "c", "-o", "o.safetensors",
                       "--teacher-workers", "8", "--ray-address", "10.0.0.1:6379", "--teacher-threads", "2"])
     assert teacher_ray_options(a) == {"ray_workers": 8, "ray_address": "10.0.0.1:6379", "ray_threads": 2}
+
+
+def test_refinement_and_precision_flags():
+    import pytest
+
+    from vllm_umim.training.cli import starting_module
+
+    p = build_parser()
+    a = p.parse_args(["train", "--model", "m", "--rules", "r", "--corpus", "c", "-o", "o.safetensors"])
+    assert (a.init_module, a.refine_rules, a.precision) == (None, 0, "fp32")
+    assert starting_module(a, None, None, None) is None  # a new module: mean pooling at step 0
+    a = p.parse_args(["train", "--model", "m", "--rules", "r", "--corpus", "c", "-o", "o.safetensors",
+                      "--refine-rules", "64", "--precision", "bf16"])
+    assert a.refine_rules == 64 and a.precision == "bf16"
+    with pytest.raises(SystemExit, match="--init-module"):
+        starting_module(a, None, None, None)
