@@ -30,8 +30,7 @@ def refined_module(tmp_path_factory, hf_model, rules, heldout_prompts):
 
     base, _ = resolve_module(module_for_tests(), hf_model.config.hidden_size, model_identity(hf_model.config),
                              rules.tokenizer_fingerprint)
-    spans = (seg.tokens[s:e] for seg in segment(heldout_prompts[:PROMPTS], rules)
-             for r, s, e in zip(seg.rule_ids, seg.starts, seg.ends) if r >= 0)
+    spans = (span for seg in segment(heldout_prompts[:PROMPTS], rules) for span in seg.merged_spans())
     module = base.refined(most_frequent_spans(spans, REFINED, MAX_SPAN))
     scale = hf_model.get_input_embeddings().weight.std()
     module.refinement.residuals.data = torch.randn(module.refinement.residuals.shape, generator=torch.Generator().manual_seed(0)) * scale

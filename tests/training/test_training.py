@@ -51,6 +51,11 @@ def test_app_c_example_masks():
     assert batch.element_tokens[0, 1].tolist() == [2, 3, -1, -1]
 
 
+def test_merged_spans_are_the_merged_elements_tokens():
+    seg = segment([[1, 2, 3, 4, 7, 8, 9, 5, 6]], make_ruleset(RULES))[0]
+    assert seg.merged_spans() == [[2, 3], [7, 8, 9], [5, 6]]
+
+
 def test_no_merge_means_no_loss_rows():
     batch = collate(segment([[1, 4, 9]], make_ruleset([(2, 3)])))
     assert batch.loss_mask.sum() == 0 and batch.teacher_mask.sum() == 0

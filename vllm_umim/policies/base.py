@@ -53,6 +53,10 @@ class Segmentation:
         """Index of the first merged element (``num_elements`` if none)."""
         return next((j for j, r in enumerate(self.rule_ids) if r >= 0), self.num_elements)
 
+    def merged_spans(self) -> list[list[int]]:
+        """The tokens of each merged element, in order."""
+        return [self.tokens[s:e] for r, s, e in zip(self.rule_ids, self.starts, self.ends) if r >= 0]
+
     def compressed_ids(self, virtual_base: int) -> list[int]:
         """One id per element: the token, or ``virtual_base + rule id`` for a merged span."""
         return [virtual_base + r if r >= 0 else self.tokens[s] for r, s in zip(self.rule_ids, self.starts)]

@@ -92,8 +92,7 @@ def starting_module(args, model, rules, train_cache_dir: Path):
     if not args.refine_rules:
         return module
     cache = TeacherCache(train_cache_dir)
-    spans = (seg.tokens[s:e] for seg in segment([cache.window(i) for i in range(len(cache))], rules)
-             for r, s, e in zip(seg.rule_ids, seg.starts, seg.ends) if r >= 0)
+    spans = (span for seg in segment([cache.window(i) for i in range(len(cache))], rules) for span in seg.merged_spans())
     return module.refined(most_frequent_spans(spans, args.refine_rules, MAX_SPAN))
 
 
