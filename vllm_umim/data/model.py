@@ -174,6 +174,13 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer puts BOS first when it encodes text (Gemma: the model
+    needs it and decodes garbage without), else ``[]`` (SmolLM2). Corpus windows and prompts built
+    from ``add_special_tokens=False`` ids start with this, as the model saw text in pretraining."""
+    return [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+
+
 def load_gguf(path: Path):
     """(model, tokenizer) from a GGUF file, dequantized to fp32 by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

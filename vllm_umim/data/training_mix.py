@@ -43,6 +43,8 @@ from pathlib import Path
 
 from vllm_umim.data.cache import DataError
 from vllm_umim.data.corpus import fetch_corpus, read_documents
+from vllm_umim.data.instructions import INSTRUCTION_WORDS, INSTRUCTIONS, has_chat_template
+from vllm_umim.data.model import bos_prefix
 
 SOURCES = ("chat", "continuation", "wiki")
 CONTINUATION_PREFIX_TOKENS = (32, 64)  # a continuation's prompt is this many article tokens (inclusive range, drawn per record)
@@ -72,8 +74,6 @@ Generate = Callable[[Sequence[Sequence[int]], Sampling], list[list[int]]]
 
 def chat_instructions() -> tuple[str, ...]:
     """The instruction templates (``{text}``: a Wikipedia opening) of the chat records."""
-    from vllm_umim.evaluation.fidelity_prompts import INSTRUCTIONS
-
     return INSTRUCTIONS + EXTRA_INSTRUCTIONS
 
 
@@ -103,7 +103,7 @@ def build_training_mix(
     if min(chat, continuations, wiki) < 0 or not chat + continuations + wiki:
         raise DataError(f"record counts must be >= 0 and not all 0, got chat={chat}, continuations={continuations}, wiki={wiki}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if chat and not _has_chat_template(tokenizer):
+    if chat and not has_chat_template(tokenizer):
         raise DataError(f"{model_dir}: no chat template (a base model), so no chat records: use --chat 0")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     generator = _describe_generator(generate)
@@ -118,7 +118,7 @@ def build_training_mix(
 
     chat_prompts = [_chat_prompt(tokenizer, message) for message in chat_messages]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in chat_prompts]
-    prompts += [_bos_prefix(tokenizer) + ids for ids in continuation_ids]
+    prompts += [bos_prefix(tokenizer) + ids for ids in continuation_ids]
     clock = time.perf_counter()
     generated = generate(prompts, sampling) if prompts else []
     seconds = time.perf_counter() - clock
@@ -196,18 +196,6 @@ def _describe_generator(generate: Generate | None) -> str:
     return getattr(generate, "__qualname__", repr(generate))
 
 
-def _has_chat_template(tokenizer) -> bool:
-    from vllm_umim.evaluation.fidelity_prompts import has_chat_template
-
-    return has_chat_template(tokenizer)
-
-
-def _bos_prefix(tokenizer) -> list[int]:
-    from vllm_umim.module.batches import bos_prefix
-
-    return bos_prefix(tokenizer)
-
-
 def _shuffled(items: list[str], rng: random.Random) -> Iterator[str]:
     items = list(items)
     rng.shuffle(items)
@@ -228,8 +216,6 @@ def _take(articles: Iterator[str], count: int, usable: Callable[[str], bool], so
 
 def _chat_messages(articles: Iterator[str], count: int, train_path: Path) -> Iterator[str]:
     """User messages: the instruction templates in turn over article openings."""
-    from vllm_umim.evaluation.fidelity_prompts import INSTRUCTION_WORDS
-
     templates = chat_instructions()
     long_enough = lambda article: len(article.split()) >= INSTRUCTION_WORDS // 2  # noqa: E731
     for index, article in enumerate(_take(articles, count, long_enough, "chat", train_path)):

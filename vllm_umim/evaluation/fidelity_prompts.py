@@ -26,18 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
+from vllm_umim.data.instructions import INSTRUCTION_WORDS, INSTRUCTIONS, has_chat_template  # noqa: F401 (has_chat_template: public here too)
+from vllm_umim.data.model import bos_prefix
 from vllm_umim.errors import UmimError
-from vllm_umim.module.batches import bos_prefix
 
 KINDS = ("wiki", "chat", "gsm8k")
 DEFAULT_PROMPTS_PER_KIND = 100
 WIKI_PROMPT_TOKENS = 96
-INSTRUCTION_WORDS = 60  # words of a Wikipedia opening quoted in an instruction
-INSTRUCTIONS = (
-    "Summarize this paragraph in one sentence:\n\n{text}",
-    "Write a short title for this paragraph:\n\n{text}",
-    "List three key facts from this text:\n\n{text}",
-)
 
 
 class PromptKindError(UmimError):
@@ -67,11 +62,6 @@ def build_prompts(kind: str, tokenizer, count: int = DEFAULT_PROMPTS_PER_KIND) -
 def prompts_digest(prompts: list[FidelityPrompt]) -> str:
     """A short hash of the prompts' token ids: two runs compared the same prompts iff equal."""
     return hashlib.sha256(json.dumps([p.token_ids for p in prompts]).encode()).hexdigest()[:16]
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether the tokenizer has a chat template (base models such as Gemma 3 270M have none)."""
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def default_kinds(tokenizer) -> list[str]:

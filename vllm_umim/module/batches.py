@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_umim.data.model import bos_prefix  # re-exported: windows and prompts start with it
 from vllm_umim.errors import AlignmentError
 from vllm_umim.policies import GreedyLongestMatch, Segmentation
 from vllm_umim.rules import RuleSet
@@ -130,15 +131,6 @@ def tokenize_corpus(documents: list[str], tokenizer, max_tokens: int | None = No
         if max_tokens is not None and len(stream) >= max_tokens:
             break
     return stream[:max_tokens] if max_tokens is not None else stream
-
-
-def bos_prefix(tokenizer) -> list[int]:
-    """``[bos_token_id]`` if the tokenizer puts BOS first when it encodes text (Gemma: the model
-    needs it and decodes garbage without), else ``[]`` (SmolLM2). Corpus windows and prompts built
-    from ``add_special_tokens=False`` ids start with this, as the model saw text in pretraining."""
-    from vllm_umim.data.model import adds_bos
-
-    return [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
 
 
 def make_windows(stream: list[int], seq_len: int, max_windows: int | None = None, prefix: list[int] = ()) -> list[list[int]]:
