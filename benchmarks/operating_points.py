@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 from pathlib import Path
+
+from vllm_umim.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("wiki", "chat", "gsm8k")
@@ -32,7 +33,7 @@ def content_hash(path: str) -> str | None:
     in_artifacts = path[path.find("artifacts/"):] if "artifacts/" in path else path
     for candidate in (Path(path), ROOT / path, ROOT / in_artifacts):
         if candidate.is_file():
-            return hashlib.sha256(candidate.read_bytes()).hexdigest()
+            return file_sha256(candidate)
     return None
 
 

@@ -226,6 +226,8 @@ def test_bf16_autocast_step_runs_and_stays_close(tmp_path):
     trainer = _trainer(tmp_path, model, rules, precision="bf16", max_tokens=16 * 4 * 2, eval_every=0, checkpoint_every=0)
     trainer.fit()
     assert trainer.step == 2 and all(p.dtype == torch.float32 for p in trainer.module.parameters())
+    with pytest.raises(ValueError, match="precision"):
+        _trainer(tmp_path, model, rules, precision="fp16")
 
 
 def test_lr_schedule():

@@ -45,6 +45,7 @@ from vllm_umim.data.cache import DataError
 from vllm_umim.data.corpus import fetch_corpus, read_documents
 from vllm_umim.data.instructions import INSTRUCTION_WORDS, INSTRUCTIONS, has_chat_template
 from vllm_umim.data.model import bos_prefix
+from vllm_umim.files import write_bytes_atomic
 
 SOURCES = ("chat", "continuation", "wiki")
 CONTINUATION_PREFIX_TOKENS = (32, 64)  # a continuation's prompt is this many article tokens (inclusive range, drawn per record)
@@ -256,6 +257,4 @@ def _tokens_per_source(tokenizer, records: list[dict]) -> dict[str, int]:
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(text.encode("utf-8"), path)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
-from vllm_umim.data.instructions import INSTRUCTION_WORDS, INSTRUCTIONS, has_chat_template  # noqa: F401 (has_chat_template: public here too)
+from vllm_umim.data.instructions import INSTRUCTION_WORDS, INSTRUCTIONS, has_chat_template
 from vllm_umim.data.model import bos_prefix
 from vllm_umim.errors import UmimError
 

@@ -109,10 +109,8 @@ class MergeModule(nn.Module):
     def refined(self, ngrams: torch.Tensor) -> "MergeModule":
         """A copy of this module with a zero-residual refinement for ``ngrams`` ([K, max_span], -1
         padded): it computes exactly what this module computes until its residuals are trained."""
-        config = MergeModuleConfig(**{**self.config.to_dict(), "refined_rules": len(ngrams)})
-        module = MergeModule(config)
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("refinement.")}
-        module.load_state_dict(state, strict=False)
-        module.refinement = RuleRefinement(ngrams, config.hidden_size)
+        module = MergeModule(MergeModuleConfig(**{**self.config.to_dict(), "refined_rules": len(ngrams)}))
+        module.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("refinement.")}, strict=False)
+        module.refinement.ngrams.copy_(ngrams)
         module.refinement.check()
         return module

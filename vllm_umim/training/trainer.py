@@ -119,6 +119,8 @@ class Trainer:
         self.module = module or MergeModule(MergeModuleConfig(hidden, num_heads=config.heads, variant=config.variant))
         self.module.train()
         self.trainable = trainable_parameters(self.module, config.train_part)
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {config.precision!r}; expected one of {PRECISIONS}")
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
