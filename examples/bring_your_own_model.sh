@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring your own model: fetch -> mine rules with its tokenizer -> train a merge module -> evaluate
 # -> measure fidelity through vLLM -> serve. TOKENS sets the training budget (tiny by default:
-# a plumbing run; a useful module needs millions of tokens, see README).
+# a plumbing run; a useful module needs millions of tokens, see docs/training.md).
 #   MODEL=~/.cache/vllm_umim/models/smollm2-135m TOKENS=4096 bash examples/bring_your_own_model.sh OUT_DIR
 set -euo pipefail
 OUT="${1:-/tmp/vllm_umim-byom}"; mkdir -p "$OUT"
