@@ -50,6 +50,15 @@ def relative(path: str | Path) -> str:
     return text
 
 
+FIDELITY_FORMATS = {"overall_tr": percent, "first_divergence_mean": "{:.1f}".format, "first_divergence_median": "{:g}".format,
+                    "equal_share": percent, "kl_mean": "{:.4f}".format}
+
+
+def fidelity_cells(figures: dict, keys: tuple[str, ...]) -> list[str]:
+    """``vllm-umim fidelity`` figures, one "wiki / chat / gsm8k" cell per key."""
+    return [per_kind(figures, key, FIDELITY_FORMATS[key]) for key in keys]
+
+
 # Operating points ---------------------------------------------------------------------------------
 
 def settings_text(settings: dict) -> str:
@@ -83,22 +92,19 @@ def operating_points_summary(path: Path = ARTIFACTS / POINTS_MODEL / "operating-
 
 
 def operating_points_table(data: dict) -> str:
-    """Every figure measured for each operating point (``benchmarks/operating_points.py`` JSON)."""
-    def figures(f):
-        return [per_kind(f, "overall_tr", percent), per_kind(f, "first_divergence_mean", "{:.1f}".format),
-                per_kind(f, "equal_share", percent), per_kind(f, "kl_mean", "{:.4f}".format)]
-
+    """Every figure measured for each operating point (the JSON of ``python -m benchmarks.operating_points``)."""
+    measured = ("first_divergence_mean", "equal_share", "kl_mean")
     rows = []
     for p in data["points"]:
         ppl, qa = p["ppl"], p["qa"]
         rows.append([f"**{p['name']}**", settings_text(p["settings"]), f"{p['rules_count']:,}", f"{percent(p['heldout_tr']['tr'], 1)} %",
-                     *(figures(p["fidelity"]) if p["fidelity"] else ["–"] * 4),
+                     *(fidelity_cells(p["fidelity"], ("overall_tr", *measured)) if p["fidelity"] else ["–"] * 4),
                      f"{ppl['ppl']:.1f} (+{percent(ppl['ppl'] / ppl['base_ppl'] - 1)} %)" if ppl else "–",
                      f"{percent(qa['merged'], 1)} vs {percent(qa['base'], 1)} ({qa['items_per_task']}/task)" if qa else "–",
                      bench_cell(p, "prefill-heavy", goal=True), bench_cell(p, "decode-heavy")])
     if data.get("bf16"):
         f = data["bf16"]
-        rows.append(["stock bf16 vs fp32", "(no merging)", "–", "–", "–", *figures(f)[1:], "–", "–", "–", "–"])
+        rows.append(["stock bf16 vs fp32", "(no merging)", "–", "–", "–", *fidelity_cells(f, measured), "–", "–", "–", "–"])
     return markdown_table(["point", "settings", "rules", "TR held-out wiki", "TR % prompt+output (wiki / chat / gsm8k)",
                            "1st divergence mean", "equal-32 %", "KL", "two-stage PPL", "QA mean, merged vs base",
                            "prefill-heavy UMIM / stock (goal 0.95/(1−TR))", "decode-heavy UMIM / stock"], rows)
@@ -209,15 +215,13 @@ def fidelity_files(model: str) -> list[Path]:
 
 
 def fidelity_table(rows: list[dict], bf16: dict | None) -> str:
-    def cells(f):
-        return [per_kind(f, "first_divergence_mean", "{:.1f}".format), per_kind(f, "first_divergence_median", "{:g}".format),
-                per_kind(f, "equal_share", percent), per_kind(f, "kl_mean", "{:.4f}".format)]
-
+    """One row per setting, the highest TR (on the first kind of text) first; then the bf16 line."""
+    measured = ("first_divergence_mean", "first_divergence_median", "equal_share", "kl_mean")
     kinds = kinds_of(rows[0]["figures"])
-    table = [[row["label"], per_kind(row["figures"], "overall_tr", percent), *cells(row["figures"])]
+    table = [[row["label"], *fidelity_cells(row["figures"], ("overall_tr", *measured))]
              for row in sorted(rows, key=lambda r: -r["figures"][kinds[0]]["overall_tr"])]
     if bf16:
-        table.append(["stock bf16 vs fp32 (no merging)", "–", *cells(bf16)])
+        table.append(["stock bf16 vs fp32 (no merging)", "–", *fidelity_cells(bf16, measured)])
     return markdown_table(["setting (module · rules · variant)", f"TR % prompt+output ({' / '.join(kinds)})",
                            "1st divergence mean", "median", "equal-32 %", "KL"], table)
 

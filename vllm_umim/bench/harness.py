@@ -44,9 +44,8 @@ def default_rules() -> str:
 
 def build_parser():
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     from vllm.plugins import load_general_plugins
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     load_general_plugins()  # this package's umim_server plugin adds the --umim-* flags, as in vllm serve
     parser = FlexibleArgumentParser(prog="vllm-umim bench", description=__doc__.splitlines()[0])
@@ -62,7 +61,7 @@ def build_parser():
     bench.add_argument("--kv-blocks", type=int, default=None, help="override the KV-bound scenarios' num_gpu_blocks_override")
     bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); vLLM's bench uses 1.0")
     bench.add_argument("--profile", action="store_true", help="also profile one UMIM run per scenario (cProfile, in-process engine)")
-    bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help=f"where the results go (default {DEFAULT_OUTPUT_DIR}/)")
     # vLLM's own defaults (torch.compile, bf16 on CPU; CUDA graphs on GPU), as users run it:
     # --enforce-eager and --dtype float32 are vLLM's flags for the other setups
     parser.set_defaults(max_model_len=1024, seed=0)
