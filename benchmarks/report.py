@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import frontier
-from vllm_umim.bench.summary import THROUGHPUT_HEADER, plot as plot_throughput, throughput_row
+from vllm_umim.bench.summary import THROUGHPUT_HEADER, engine_arguments, plot as plot_throughput, throughput_row
 from vllm_umim.bench.tables import kinds_of, markdown_table, per_kind, percent, ratio_cell
 from vllm_umim.bench.workloads import SCENARIOS
 
@@ -165,6 +165,13 @@ def load_text(report: dict) -> str:
     return (f"{start[0]:.1f} → " if start else "") + f"{report['load_average_1_5_15'][0]:.1f}"
 
 
+def machine_text(reports: list[dict]) -> str:
+    """The engine arguments and CPU count of the runs shown (each distinct value once)."""
+    arguments = sorted({engine_arguments(r) for r in reports})
+    cpus = sorted({r["cpu_count"] for r in reports})
+    return f"Both engines: vLLM's defaults except {' / '.join(arguments)}; {' / '.join(map(str, cpus))} CPU cores."
+
+
 def throughput_section(plot_to: Path | None) -> list[str]:
     runs = throughput_runs()
     best = best_runs([run for run in runs if shipped_defaults(run[1])])
@@ -181,8 +188,8 @@ def throughput_section(plot_to: Path | None) -> list[str]:
         "*decode-long* cap the KV cache so stock vLLM is memory-bound; *no-merge* gives UMIM rules that never match "
         "(the cost of looking). Repetitions spread by several percent on a small CPU (each ratio's min–max): a "
         "median within that spread of 1 is not resolved, whatever the goal column says.", "",
-        f"Shipped rules and module, default merge settings (dynamic, no window); per scenario the run with the most "
-        "repetitions:", "",
+        "Shipped rules and module, default merge settings (dynamic, no window); per scenario the run with the most "
+        f"repetitions. {machine_text([report for _, report, _ in best])}", "",
         markdown_table([*THROUGHPUT_HEADER, "run"], [[*throughput_row(s), f"`{folder}`"] for folder, _, s in best]), "",
         "![throughput ratio and KV saved / preemptions avoided against token reduction](../benchmarks/results/throughput.png)", "",
         "Every committed run (the load average shows what else ran on the machine):", "",
