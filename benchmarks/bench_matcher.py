@@ -3,7 +3,7 @@
 Zipfian random tokens in sequences of 512, merge rules = random 2..4-grams drawn from the same
 token stream (so that they match). Single thread: the target is >= 20M tokens/s per core.
 
-    python benchmarks/bench_matcher.py [--tokens 1048576] [--rules 100000]
+    python -m benchmarks.bench_matcher [--tokens 1048576] [--rules 100000]
 """
 
 import argparse

@@ -1,22 +1,19 @@
-"""The TR–fidelity frontier (issue 10): every measured setting in one table and one plot.
-
-    python benchmarks/frontier.py artifacts/smollm2-135m/fidelity.json artifacts/smollm2-135m/fidelity/*.json \\
-        --points artifacts/smollm2-135m/operating-points.json --png benchmarks/results/frontier.png
+"""The TR–fidelity frontier: every measured setting of one model, as rows and as one plot
+(``python -m benchmarks.report`` draws it into ``benchmarks/results/frontier.png``).
 
 One row per ``vllm-umim fidelity`` variant (module x rules file x merge settings): TR over prompt +
 output against greedy first divergence and the share of continuations equal for all 32 tokens,
 per text kind, with the stock bf16-vs-fp32 line drawn in; the two-stage PPL of each rule set and
-module (``ppl-*.json`` beside the files) in a panel of its own. ``--points`` (from
-``benchmarks/operating_points.py``) marks the shipped operating points.
+module (``ppl-*.json`` of ``vllm-umim eval`` beside the files) in a panel of its own; the shipped
+operating points (``operating-points.json``) marked.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-KINDS = ("wiki", "chat", "gsm8k")
+from vllm_umim.bench.tables import TEXT_KINDS as KINDS
 
 
 def module_name(result: dict) -> str:
@@ -72,26 +69,6 @@ def ppl_rows(files: list[Path]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], bf16: dict | None, ppl: list[dict]) -> str:
-    three = lambda f, key, fmt: " / ".join(fmt(f[k][key]) for k in KINDS)  # noqa: E731
-    lines = ["| setting (module · rules · variant) | TR % (wiki / chat / gsm8k) | 1st divergence mean | equal-32 % | KL |",
-             "| --- | --- | --- | --- | --- |"]
-    for row in sorted(rows, key=lambda r: -r["figures"]["wiki"]["overall_tr"]):
-        f = row["figures"]
-        lines.append(f"| {row['label']} | {three(f, 'overall_tr', lambda v: f'{100 * v:.0f}')} | "
-                     f"{three(f, 'first_divergence_mean', lambda v: f'{v:.1f}')} | "
-                     f"{three(f, 'equal_share', lambda v: f'{100 * v:.0f}')} | {three(f, 'kl_mean', lambda v: f'{v:.3f}')} |")
-    if bf16:
-        lines.append(f"| stock bf16 vs fp32 (no merging) | – | {three(bf16, 'first_divergence_mean', lambda v: f'{v:.1f}')} | "
-                     f"{three(bf16, 'equal_share', lambda v: f'{100 * v:.0f}')} | {three(bf16, 'kl_mean', lambda v: f'{v:.4f}')} |")
-    if ppl:
-        lines += ["", "| rules · module | TR held-out windows | two-stage PPL (base) |", "| --- | --- | --- |"]
-        for row in sorted(ppl, key=lambda r: (r["module"], -r["tr"])):
-            lines.append(f"| {row['rules']} · {row['module']} | {100 * row['tr']:.1f} % | "
-                         f"{row['ppl']:.1f} (+{100 * (row['ppl'] / row['base_ppl'] - 1):.0f} %; base {row['base_ppl']:.2f}) |")
-    return "\n".join(lines)
-
-
 def plot(rows: list[dict], bf16: dict | None, ppl: list[dict], points: list[dict], png: Path) -> None:
     import matplotlib
 
@@ -143,21 +120,4 @@ def plot(rows: list[dict], bf16: dict | None, ppl: list[dict], points: list[dict
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help="vllm-umim fidelity --json outputs")
-    parser.add_argument("--points", type=Path, default=None, help="operating-points.json to mark")
-    parser.add_argument("--png", type=Path, default=None)
-    args = parser.parse_args(argv)
-    rows, bf16 = rows_of(args.files)
-    ppl = ppl_rows(args.files)
-    points = json.loads(args.points.read_text())["points"] if args.points else []
-    print(markdown(rows, bf16, ppl))
-    if args.png:
-        plot(rows, bf16, ppl, points, args.png)
-
-
-if __name__ == "__main__":
-    main()
+    plt.close(fig)

@@ -1,6 +1,7 @@
-"""The operating points shipped for a model, each measured (issue 10): README's "Operating points".
+"""The operating points shipped for a model, each measured: ``operating-points.json``, which
+``python -m benchmarks.report`` turns into the results page's operating-points tables.
 
-    python benchmarks/operating_points.py artifacts/smollm2-135m \\
+    python -m benchmarks.operating_points artifacts/smollm2-135m \\
         --fidelity artifacts/smollm2-135m/fidelity.json artifacts/smollm2-135m/fidelity/*.json \\
         --bench benchmarks/results/*/throughput.json --json artifacts/smollm2-135m/operating-points.json
 
@@ -20,10 +21,10 @@ import functools
 import json
 from pathlib import Path
 
+from benchmarks.report import best_runs, operating_points_table
 from vllm_umim.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("wiki", "chat", "gsm8k")
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,8 +109,9 @@ def qa_row(point: dict, eval_file: Path | None) -> dict | None:
 
 
 def bench_rows(point: dict, bench_files: list[Path]) -> dict:
-    """Scenario name -> ratio figures of the bench runs made with this point's files and settings."""
-    rows = {}
+    """Scenario name -> ratio figures of the bench run made with this point's files and settings
+    (of several, the one with the most repetitions, then the latest)."""
+    matching = []
     for path in bench_files:
         result = json.loads(path.read_text())
         umim = result.get("umim") or {}
@@ -119,21 +121,12 @@ def bench_rows(point: dict, bench_files: list[Path]) -> dict:
 
             umim = resolve_operating_point(umim)
             rules = umim["rules"]
-        if content_hash(rules) != point["rules_hash"] or module_hash(rules, umim.get("module")) != point["module_hash"] \
-                or settings_of(umim) != point["settings"]:
-            continue
-        for scenario in result["scenarios"]:
-            row = {"file": str(path), "when": result["when"], "load_average_1_5_15": result["load_average_1_5_15"],
-                   "ratio": scenario["tokens_per_s_ratio"], "tr": scenario["token_reduction"]}
-            old = rows.get(scenario["name"])
-            if not scenario["never_matching_rules"] and (old is None or newer_or_larger(row, old)):
-                rows[scenario["name"]] = row
-    return rows
-
-
-def newer_or_larger(row: dict, old: dict) -> bool:
-    """Of two runs of one scenario, the one with more repetitions, then the later one."""
-    return (row["ratio"]["n"], row["when"]) > (old["ratio"]["n"], old["when"])
+        if content_hash(rules) == point["rules_hash"] and module_hash(rules, umim.get("module")) == point["module_hash"] \
+                and settings_of(umim) == point["settings"]:
+            matching.append((str(path), result))
+    return {scenario["name"]: {"file": path, "when": result["when"], "load_average_1_5_15": result["load_average_1_5_15"],
+                               "ratio": scenario["tokens_per_s_ratio"], "tr": scenario["token_reduction"]}
+            for path, result, scenario in best_runs(matching) if not scenario["never_matching_rules"]}
 
 
 def measure_point(folder: Path, tokenizer, corpus: Path, documents: int) -> dict:
@@ -152,45 +145,6 @@ def measure_point(folder: Path, tokenizer, corpus: Path, documents: int) -> dict
         "rules_count": len(rules),
         "heldout_tr": corpus_token_reduction(rules, tokenizer, corpus, documents, policy=config.merge.build(rules)),
     }
-
-
-def three(values, fmt) -> str:
-    return " / ".join(fmt(v) for v in values)
-
-
-def markdown(points: list[dict], bf16: dict | None) -> str:
-    lines = [
-        "| point | settings | rules | TR held-out wiki | TR % prompt+output (wiki / chat / gsm8k) | 1st divergence mean "
-        "| equal-32 % | KL | two-stage PPL | QA mean, merged vs base | prefill-heavy ratio (goal 0.95/(1−TR)) | decode-heavy ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for p in points:
-        s, f, ppl, qa, bench = p["settings"], p["fidelity"], p["ppl"], p["qa"], p["bench"]
-        settings = s.mode + (f", window {s.window}" if s.window else "") + (f", confidence ≥ {s.min_confidence:g}" if s.min_confidence else "")
-        fid = [three((f[k]["overall_tr"] * 100 for k in KINDS), "{:.0f}".format),
-               three((f[k]["first_divergence_mean"] for k in KINDS), "{:.1f}".format),
-               three((f[k]["equal_share"] * 100 for k in KINDS), "{:.0f}".format),
-               three((f[k]["kl_mean"] for k in KINDS), "{:.3f}".format)] if f else ["–"] * 4
-
-        def ratio(name):
-            if name not in bench:
-                return "–"
-            r, tr = bench[name]["ratio"], bench[name]["tr"]
-            goal = f" (goal {0.95 / (1 - tr):.2f})" if name == "prefill-heavy" else ""
-            return f"{r['median']:.3f} [{r['min']:.3f}–{r['max']:.3f}] n={r['n']}, TR {100 * tr:.0f} %{goal}"
-
-        lines.append(" | ".join([
-            f"| **{p['name']}**", settings, f"{p['rules_count']:,}", f"{100 * p['heldout_tr']['tr']:.1f} %", *fid,
-            f"{ppl['ppl']:.1f} (+{100 * (ppl['ppl'] / ppl['base_ppl'] - 1):.0f} %)" if ppl else "–",
-            f"{100 * qa['merged']:.1f} vs {100 * qa['base']:.1f} ({qa['items_per_task']}/task)" if qa else "–",
-            ratio("prefill-heavy"), ratio("decode-heavy") + " |",
-        ]))
-    if bf16:
-        lines.append("| stock bf16 vs fp32 | (no merging) | – | – | – | "
-                     + three((bf16[k]["first_divergence_mean"] for k in KINDS), "{:.1f}".format) + " | "
-                     + three((bf16[k]["equal_share"] * 100 for k in KINDS), "{:.0f}".format) + " | "
-                     + three((bf16[k]["kl_mean"] for k in KINDS), "{:.4f}".format) + " | – | – | – | – |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
@@ -229,10 +183,10 @@ def main(argv=None) -> list[dict]:
         points.append(point)
     order = {"faithful": 0, "balanced": 1, "max": 2}
     points.sort(key=lambda p: (order.get(p["name"], 9), p["name"]))
-    print(markdown(points, bf16))
+    data = {"points": [{**p, "settings": p["settings"].as_options()} for p in points], "bf16": bf16}
+    print(operating_points_table(data))
     if args.json:
-        rows = [{**p, "settings": p["settings"].as_options()} for p in points]
-        args.json.write_text(json.dumps({"points": rows, "bf16": bf16}, indent=1) + "\n")
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
     return points
 
 

@@ -1,7 +1,7 @@
 """Where the time goes: stock vLLM and vllm_umim on one workload, each under cProfile, in-process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, so scheduler, runner and model share the profiled process).
 
-    python benchmarks/profile_engines.py [--scenario no-merge] [--num-prompts 8] [vLLM engine args]
+    python -m benchmarks.profile_engines [--scenario no-merge] [--num-prompts 8] [vLLM engine args]
 
 Prints, per engine, the wall time, the cumulative time of the main stages and the busiest
 functions; writes ``<output-dir>/profile-<scenario>.json``.
@@ -11,29 +11,26 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_throughput import build_parser, engine_kwargs_of, prepare_scenario, DEFAULT_RULES  # noqa: E402
-from workloads import natural_documents, scenario  # noqa: E402
+from vllm_umim.bench import worker  # noqa: E402
+from vllm_umim.bench.harness import build_parser, default_rules, engine_kwargs_of, prepare_scenario  # noqa: E402
+from vllm_umim.bench.summary import profile_summary  # noqa: E402
+from vllm_umim.bench.workloads import natural_documents, scenario  # noqa: E402
 
 
 def main(argv=None) -> dict:
     from transformers import AutoTokenizer
-
-    import engine_worker
-    from report import profile_summary
 
     args = build_parser().parse_args(argv)
     if args.model is None or args.model == "Qwen/Qwen3-0.6B":
         from vllm_umim.data.model import fetch_model
 
         args.model = str(fetch_model("smollm2-135m"))
-    args.umim_rules = args.umim_rules or str(DEFAULT_RULES)
+    args.umim_rules = args.umim_rules or default_rules()
     args.umim_module = args.umim_module or "mean"
     name = args.scenario[0]
     spec = scenario(name, num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
@@ -44,10 +41,10 @@ def main(argv=None) -> dict:
     prompts = json.loads(prompts_path.read_text())
     results = {}
     for label, kwargs in (("stock", stock_kwargs), ("umim", umim_kwargs)):
-        engine = engine_worker.build_engine(kwargs)
-        engine_worker.run(engine, prompts[:2], min(4, spec.output_len), args.temperature)  # warm-up
+        engine = worker.build_engine(kwargs)
+        worker.run(engine, prompts[:2], min(4, spec.output_len), args.temperature)  # warm-up
         path = work_dir / f"{label}.prof"
-        run = engine_worker.profiled_run(engine, prompts, spec.output_len, args.temperature, str(path))
+        run = worker.profiled_run(engine, prompts, spec.output_len, args.temperature, str(path))
         results[label] = {"run": run, "profile": profile_summary(path)}
         del engine
         summary = results[label]["profile"]

@@ -1,196 +1,359 @@
-"""Turn the benchmark's raw runs into ratios with their spread, a table, a plot and a profile summary."""
+"""``docs/results.md`` from the committed JSON: operating points, throughput, fidelity and the
+frontier, per-model alignment, training time.
+
+    python -m benchmarks.report            # rewrite docs/results.md, its two plots, README's block
+    python -m benchmarks.report --check    # exit 1 if any of those texts is not what the JSON gives
+
+Reads ``artifacts/<model>/`` (``operating-points.json``, ``fidelity.json``, ``fidelity/*.json``,
+``eval.json``) and ``benchmarks/results/`` (``*/throughput.json``, ``vllm-bench/summary.json``,
+``training-profile.json``); nothing is measured here. Every table goes through
+``vllm_umim.bench.tables.markdown_table``. Where README.md holds the markers
+``<!-- operating-points:start -->`` and ``<!-- operating-points:end -->``, the three-row
+operating-points table (:func:`operating_points_summary`) is written between them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
-GOALS = {  # scenario -> (what, check(ratio, token reduction) -> (target, met))
-    "prefill-heavy": ("ratio >= 0.9 / (1 - TR)", lambda ratio, tr: (0.9 / (1 - tr), ratio >= 0.9 / (1 - tr))),
-    "decode-heavy": ("ratio >= 1.25", lambda ratio, tr: (1.25, ratio >= 1.25)),
-    "decode-long": ("ratio >= 1.25", lambda ratio, tr: (1.25, ratio >= 1.25)),
-    "no-merge": ("overhead <= 3 %", lambda ratio, tr: (0.97, ratio >= 0.97)),
-}
+from benchmarks import frontier
+from vllm_umim.bench.summary import THROUGHPUT_HEADER, engine_arguments, plot as plot_throughput, throughput_row
+from vllm_umim.bench.tables import kinds_of, markdown_table, per_kind, percent, ratio_cell
+from vllm_umim.bench.workloads import SCENARIOS
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+POINTS_MODEL = "smollm2-135m"  # the model whose operating points ship
+COMMAND = "python -m benchmarks.report"
+MARKERS = ("<!-- operating-points:start -->", "<!-- operating-points:end -->")
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "mean": statistics.fmean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+def load(path: Path) -> dict | list:
+    return json.loads(path.read_text())
 
 
-def summarize(result: dict) -> dict:
-    """Per-scenario figures: umim/stock ratios paired by repetition, token reduction, KV, preemptions."""
-    stock, umim = result["runs"]["stock"], result["runs"]["umim"]
-    ratio = lambda key: spread([u[key] / s[key] for s, u in zip(stock, umim)])  # noqa: E731
-    last = umim[-1]
-    merged = last["merged_requests"] > 0
-    token_reduction = last["tokens_merged_away"] / last["raw_tokens"] if merged else 0.0
-    prompt_reduction = 1 - last["prompt_positions"] / last["raw_prompt_tokens"] if merged else 0.0
-    stock_peak = statistics.median(r["peak_kv_blocks"] for r in stock) if stock[0]["peak_kv_blocks"] is not None else None
-    umim_peak = statistics.median(r["peak_kv_blocks"] for r in umim) if umim[0]["peak_kv_blocks"] is not None else None
-    name = result["scenario"]["name"]
-    tokens_ratio = ratio("tokens_per_s")
-    goal_text, check = GOALS.get(name, ("", lambda r, t: (None, None)))
-    target, met = check(tokens_ratio["median"], token_reduction)
-    return {
-        **result["scenario"],
-        "stock_tokens_per_s": spread([r["tokens_per_s"] for r in stock]),
-        "umim_tokens_per_s": spread([r["tokens_per_s"] for r in umim]),
-        "stock_requests_per_s": spread([r["requests_per_s"] for r in stock]),
-        "umim_requests_per_s": spread([r["requests_per_s"] for r in umim]),
-        "tokens_per_s_ratio": tokens_ratio,
-        "requests_per_s_ratio": ratio("requests_per_s"),
-        "token_reduction": token_reduction,
-        "prompt_token_reduction": prompt_reduction,
-        "prefill_merges": last["prefill_merges"],
-        "decode_merges": last["decode_merges"],
-        "num_kv_blocks": last["num_kv_blocks"],
-        "peak_kv_blocks": {"stock": stock_peak, "umim": umim_peak},
-        "peak_kv_saved": (1 - umim_peak / stock_peak) if stock_peak and umim_peak is not None else None,
-        "preemptions": {"stock": [r["preemptions"] for r in stock], "umim": [r["preemptions"] for r in umim]},
-        "goal": {"what": goal_text, "target_ratio": target, "met": met},
-        "startup_s": result.get("startup_s"),
-        "runs": result["runs"],
-        "profile": result.get("profile"),
-    }
+def relative(path: str | Path) -> str:
+    """A recorded path from its ``artifacts/`` or ``benchmarks/`` folder on (runs record absolute paths
+    of the checkout they ran in)."""
+    if Path(path).is_relative_to(ROOT):
+        return str(Path(path).relative_to(ROOT))
+    text = str(path)
+    for folder in ("artifacts/", "benchmarks/"):
+        if folder in text:
+            return text[text.index(folder):]
+    return text
 
 
-def markdown_table(report: dict) -> str:
-    rows = [
-        "| scenario | requests × in → out | stock tok/s | UMIM tok/s | UMIM / stock (median [min–max], n) | goal | TR (prompt) | peak KV blocks stock → UMIM | preemptions stock → UMIM | merges prefill / decode | start-up s stock / UMIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+FIDELITY_FORMATS = {"overall_tr": percent, "first_divergence_mean": "{:.1f}".format, "first_divergence_median": "{:g}".format,
+                    "equal_share": percent, "kl_mean": "{:.4f}".format}
+
+
+def fidelity_cells(figures: dict, keys: tuple[str, ...]) -> list[str]:
+    """``vllm-umim fidelity`` figures, one "wiki / chat / gsm8k" cell per key."""
+    return [per_kind(figures, key, FIDELITY_FORMATS[key]) for key in keys]
+
+
+# Operating points ---------------------------------------------------------------------------------
+
+def settings_text(settings: dict) -> str:
+    """``prompt, window 48`` from an operating point's merge settings."""
+    return (settings.get("mode", "dynamic") + (f", window {settings['window']}" if settings.get("window") else "")
+            + (f", confidence ≥ {settings['min_confidence']:g}" if settings.get("min_confidence") else ""))
+
+
+def bench_cell(point: dict, scenario: str, goal: bool = False) -> str:
+    run = point["bench"].get(scenario)
+    if run is None:
+        return "–"
+    cell = f"{ratio_cell(run['ratio'])}, TR {percent(run['tr'])} %"
+    return cell + (f" (goal {0.95 / (1 - run['tr']):.2f})" if goal else "")
+
+
+def operating_points_summary(path: Path = ARTIFACTS / POINTS_MODEL / "operating-points.json") -> str:
+    """The three shipped operating points in one small table (README and the top of the results
+    page): held-out TR, greedy agreement with unmerged output, throughput against stock vLLM."""
+    data = load(path)
+    rows = [[f"**{p['name']}**", settings_text(p["settings"]), f"{percent(p['heldout_tr']['tr'], 1)} %",
+             per_kind(p["fidelity"], "first_divergence_mean", "{:.1f}".format) if p["fidelity"] else "–",
+             bench_cell(p, "prefill-heavy"), bench_cell(p, "decode-heavy")] for p in data["points"]]
+    table = markdown_table(["point", "merging", "token reduction (held-out wiki)", "first divergence (wiki / chat / gsm8k)",
+                            "UMIM / stock tok/s, prefill-heavy", "UMIM / stock tok/s, decode-heavy"], rows)
+    bf16 = data.get("bf16")
+    caption = ("First divergence: mean index of the first of 32 greedy tokens that differs from unmerged output"
+               + (f" (stock vLLM in bf16 against fp32: {per_kind(bf16, 'first_divergence_mean', '{:.1f}'.format)})" if bf16 else "")
+               + ". Throughput: raw tokens/s against stock vLLM, median [min–max] (repetitions), and the run's token reduction.")
+    return table + "\n\n" + caption
+
+
+def operating_points_table(data: dict) -> str:
+    """Every figure measured for each operating point (the JSON of ``python -m benchmarks.operating_points``)."""
+    measured = ("first_divergence_mean", "equal_share", "kl_mean")
+    rows = []
+    for p in data["points"]:
+        ppl, qa = p["ppl"], p["qa"]
+        rows.append([f"**{p['name']}**", settings_text(p["settings"]), f"{p['rules_count']:,}", f"{percent(p['heldout_tr']['tr'], 1)} %",
+                     *(fidelity_cells(p["fidelity"], ("overall_tr", *measured)) if p["fidelity"] else ["–"] * 4),
+                     f"{ppl['ppl']:.1f} (+{percent(ppl['ppl'] / ppl['base_ppl'] - 1)} %)" if ppl else "–",
+                     f"{percent(qa['merged'], 1)} vs {percent(qa['base'], 1)} ({qa['items_per_task']}/task)" if qa else "–",
+                     bench_cell(p, "prefill-heavy", goal=True), bench_cell(p, "decode-heavy")])
+    if data.get("bf16"):
+        f = data["bf16"]
+        rows.append(["stock bf16 vs fp32", "(no merging)", "–", "–", "–", *fidelity_cells(f, measured), "–", "–", "–", "–"])
+    return markdown_table(["point", "settings", "rules", "TR held-out wiki", "TR % prompt+output (wiki / chat / gsm8k)",
+                           "1st divergence mean", "equal-32 %", "KL", "two-stage PPL", "QA mean, merged vs base",
+                           "prefill-heavy UMIM / stock (goal 0.95/(1−TR))", "decode-heavy UMIM / stock"], rows)
+
+
+def operating_points_section() -> list[str]:
+    path = ARTIFACTS / POINTS_MODEL / "operating-points.json"
+    return [
+        f"## Operating points ({POINTS_MODEL})", "",
+        "An operating point is a folder (`rules.bin`, `module.safetensors`, `merge.json`) passed where a rules "
+        f"file goes: `--umim-rules artifacts/{POINTS_MODEL}/balanced`. All three share the shipped rules and "
+        "module and differ in merge settings only.", "",
+        operating_points_summary(path), "",
+        "Every figure measured for each point:", "",
+        operating_points_table(load(path)), "",
+        "TR held-out wiki: held-out Wikipedia documents, each merged as a prompt with the point's settings. "
+        "Fidelity columns: `vllm-umim fidelity` (fp32 engine, greedy, 32 tokens; each cell wiki / chat / gsm8k). "
+        "Two-stage PPL and QA belong to the rules and module merged prompt-side without a window: an upper bound "
+        "on the harm of the windowed points. Throughput: `vllm-umim bench --umim-rules "
+        f"artifacts/{POINTS_MODEL}/POINT --scenario prefill-heavy decode-heavy`. Source: "
+        f"`artifacts/{POINTS_MODEL}/operating-points.json`, written by `python -m benchmarks.operating_points` "
+        "([benchmarks/README.md](../benchmarks/README.md)).",
     ]
-    for s in report["scenarios"]:
-        r = s["tokens_per_s_ratio"]
-        goal = s["goal"]
-        goal_cell = f"{goal['what']}: {'met' if goal['met'] else 'NOT met'} (target {goal['target_ratio']:.2f})" if goal["target_ratio"] else ""
-        peak = s["peak_kv_blocks"]
-        blocks = f" ({s['kv_blocks']} blocks)" if s["kv_blocks"] else ""
-        rows.append(
-            f"| {s['name']} | {s['num_prompts']} × {s['input_len']} → {s['output_len']}"
-            f"{blocks} "
-            f"| {s['stock_tokens_per_s']['median']:.0f} | {s['umim_tokens_per_s']['median']:.0f} "
-            f"| {r['median']:.3f} [{r['min']:.3f}–{r['max']:.3f}], {r['n']} | {goal_cell} "
-            f"| {100 * s['token_reduction']:.1f} % ({100 * s['prompt_token_reduction']:.1f} %) "
-            f"| {peak['stock']:.0f} → {peak['umim']:.0f} | {'/'.join(map(str, s['preemptions']['stock']))} → "
-            f"{'/'.join(map(str, s['preemptions']['umim']))} | {s['prefill_merges']} / {s['decode_merges']} "
-            f"| {startup_cell(s.get('startup_s'))} |"
-        )
-    module = report["umim"].get("module", "module.safetensors beside the rules")
-    lines = ["\n".join(rows), "",
-             f"Module: `{module}`; alignment on held-out text: {alignment(report)}.",
-             f"Both engines: vLLM's defaults except {engine_arguments(report)}.",
-             f"Measured {report['when']} on {report['cpu_count']} CPUs, load average (1/5/15 min) at start "
-             f"{report.get('load_average_start')} and end {report['load_average_1_5_15']}.",
-             f"Command: `{report['command']}`"]
-    return "\n".join(lines)
 
 
-def engine_arguments(report: dict) -> str:
-    changed = {k: v for k, v in report["engine_kwargs"].items()
-               if k not in ("model", "additional_config") and v not in (None, "")}  # CLI-only defaults that change nothing
-    return ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) or "nothing"
+# Throughput ---------------------------------------------------------------------------------------
+
+def throughput_runs() -> list[tuple[str, dict]]:
+    return [(relative(path.parent), load(path)) for path in sorted(RESULTS.glob("*/throughput.json"))]
 
 
-def startup_cell(startup_s: dict | None) -> str:
-    """Each engine's start-up seconds (both start side by side, so each is slowed by the other)."""
-    if not startup_s:
-        return ""
-    return f"{startup_s['stock']:.0f} / {startup_s['umim']:.0f}"
+def shipped_defaults(report: dict) -> bool:
+    """A run of the shipped rules and module in the default merge settings (dynamic, no window)."""
+    umim = report["umim"]
+    return set(umim) == {"rules"} and relative(umim["rules"]) == f"artifacts/{POINTS_MODEL}/rules.bin"
 
 
-def alignment(report: dict) -> str:
-    """The held-out alignment metrics of the module in use, from the ``eval.json`` of ``vllm-umim eval``."""
-    ev = report.get("module_eval")
-    if not ev:
-        return "no eval.json found"
-    module = report["umim"].get("module") or "module.safetensors"
-    names = {k: v.get("path", "") for k, v in ev.get("modules", {}).items()}
-    name = "mean" if module == "mean" else next((k for k, path in names.items() if k != "mean" and Path(path).name == Path(module).name), None)
-    heldout = ev.get("heldout", {})
-    metrics = heldout.get("modules", {}).get(name)
-    if not metrics:
-        return f"eval.json has no held-out metrics for this module ({module})"
-    return (f"{name}: top-1 {metrics['top1']:.3f}, top-3 {metrics['top3']:.3f}, top-10 {metrics['top10']:.3f}, "
-            f"top-p {metrics['topp']:.3f}, MRR {metrics['mrr']:.3f}, KL {metrics['kl']:.3f}, two-stage PPL {metrics['ppl']:.1f} "
-            f"(unmerged {heldout.get('base_ppl', float('nan')):.1f}) at TR {100 * heldout.get('tr', 0):.1f} % ({ev.get('path', 'eval.json')})")
+def best_runs(runs: list[tuple[str, dict]]) -> list[tuple[str, dict, dict]]:
+    """Of ``(label, throughput.json)`` runs, per scenario the one with the most repetitions, then the
+    latest: ``(label, its report, the scenario's summary)`` in the order of ``SCENARIOS``."""
+    best = {}
+    for label, report in runs:
+        for s in report["scenarios"]:
+            key = (s["tokens_per_s_ratio"]["n"], report["when"])
+            if s["name"] not in best or key > best[s["name"]][0]:
+                best[s["name"]] = (key, (label, report, s))
+    return [best[name][1] for name in SCENARIOS if name in best]
 
 
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, s in enumerate(report["scenarios"]):
-        tr, r = 100 * s["token_reduction"], s["tokens_per_s_ratio"]
-        label_offset = (6, 6 if i % 2 == 0 else -14)  # neighbouring scenarios often share a TR
-        left.errorbar(tr, r["median"], yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], fmt="o", capsize=4, color=f"C{i}")
-        left.annotate(s["name"], (tr, r["median"]), textcoords="offset points", xytext=label_offset)
-        if s["kv_blocks"] is not None:  # KV capped: both fill it; what merging saves shows as fewer preemptions
-            stock, umim = sum(s["preemptions"]["stock"]), sum(s["preemptions"]["umim"])
-            if stock:
-                right.plot(tr, 100 * (1 - umim / stock), "x", markersize=9, color=f"C{i}")
-                right.annotate(f"{s['name']} (preemptions)", (tr, 100 * (1 - umim / stock)), textcoords="offset points", xytext=label_offset)
-        elif s["peak_kv_saved"] is not None:
-            right.plot(tr, 100 * s["peak_kv_saved"], "o", color=f"C{i}")
-            right.annotate(s["name"], (tr, 100 * s["peak_kv_saved"]), textcoords="offset points", xytext=label_offset)
-    xs = [x / 2 for x in range(0, 121)]
-    left.plot(xs, [0.9 / (1 - x / 100) for x in xs], ":", color="gray", label="0.9 / (1 - TR)")
-    left.axhline(1.0, color="black", linewidth=0.5)
-    left.set(xlabel="token reduction TR (%)", ylabel="throughput UMIM / stock (raw tok/s)", title="throughput ratio (median, min–max)")
-    left.legend(loc="upper left")
-    right.plot(xs, xs, ":", color="gray", label="KV saved = TR")
-    right.set(xlabel="token reduction TR (%)", ylabel="saved (%)", title="peak KV blocks saved (o); preemptions avoided (x)")
-    right.legend(loc="upper left")
-    for axis in (left, right):
-        axis.set_xlim(-2, max(60, max(100 * s["token_reduction"] for s in report["scenarios"]) + 10))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def options_text(umim: dict) -> str:
+    shown = {k: v for k, v in umim.items() if k != "rules"}
+    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
 
 
-def write_outputs(report: dict, output_dir: Path) -> dict:
-    paths = {"json": output_dir / "throughput.json", "plot": output_dir / "throughput.png", "markdown": output_dir / "throughput.md"}
-    paths["json"].write_text(json.dumps(report, indent=2))
-    plot(report, paths["plot"])
-    paths["markdown"].write_text(markdown_table(report) + "\n")
-    return paths
+def load_text(report: dict) -> str:
+    """1-minute load average at the start and end of a run (runs before it was recorded: end only)."""
+    start = report.get("load_average_start")
+    return (f"{start[0]:.1f} → " if start else "") + f"{report['load_average_1_5_15'][0]:.1f}"
 
 
-PROFILE_STAGES = {  # stage -> (file path part, function name; "" = any function of that file)
-    "schedule": ("sched/scheduler.py", "schedule"),
-    "update_from_output": ("sched/scheduler.py", "update_from_output"),
-    "execute_model": ("gpu_model_runner.py", "execute_model"),
-    "sample_tokens": ("gpu_model_runner.py", "sample_tokens"),
-    "umim _update_request_with_output": ("vllm_umim/engine/scheduler.py", "_update_request_with_output"),
-    "umim add_request (prompt compression)": ("vllm_umim/engine/scheduler.py", "add_request"),
-    "umim model runner": ("vllm_umim/engine/model_runner.py", ""),
-    "umim embedding": ("vllm_umim/engine/embedding.py", ""),
-}
+def machine_text(reports: list[dict]) -> str:
+    """The engine arguments and CPU count of the runs shown (each distinct value once)."""
+    arguments = sorted({engine_arguments(r) for r in reports})
+    cpus = sorted({r["cpu_count"] for r in reports})
+    return f"Both engines: vLLM's defaults except {' / '.join(arguments)}; {' / '.join(map(str, cpus))} CPU cores."
 
 
-def profile_summary(path: Path, top: int = 15) -> dict:
-    """Where the time of a profiled UMIM run goes: the busiest functions, UMIM's own share, and the
-    cumulative time of the main stages."""
-    import pstats
+def throughput_section(plot_to: Path | None) -> list[str]:
+    runs = throughput_runs()
+    best = best_runs([run for run in runs if shipped_defaults(run[1])])
+    if plot_to:
+        plot_throughput({"scenarios": [s for _, _, s in best]}, plot_to)
+    every = [[folder, relative(report["umim"]["rules"]), options_text(report["umim"]), s["name"], ratio_cell(s["tokens_per_s_ratio"]),
+              f"{percent(s['token_reduction'], 1)} %", load_text(report)] for folder, report in runs for s in report["scenarios"]]
+    lines = [
+        "## Throughput against stock vLLM", "",
+        "`vllm-umim bench` works like `vllm bench throughput` (vLLM's engine arguments, `ignore_eos`, fixed output "
+        "length, all requests at once, tokens/s of raw tokens delivered) on held-out Wikipedia and GSM8K text. Both "
+        "engines run in vLLM's defaults, each in its own process with the same engine arguments, alternating which "
+        "goes first; ratios are UMIM / stock per repetition, median [min–max] (repetitions). *decode-heavy* and "
+        "*decode-long* cap the KV cache so stock vLLM is memory-bound; *no-merge* gives UMIM rules that never match "
+        "(the cost of looking). Repetitions spread by several percent on a small CPU (each ratio's min–max): a "
+        "median within that spread of 1 is not resolved, whatever the goal column says.", "",
+        "Shipped rules and module, default merge settings (dynamic, no window); per scenario the run with the most "
+        f"repetitions. {machine_text([report for _, report, _ in best])}", "",
+        markdown_table([*THROUGHPUT_HEADER, "run"], [[*throughput_row(s), f"`{folder}`"] for folder, _, s in best]), "",
+        "![throughput ratio and KV saved / preemptions avoided against token reduction](../benchmarks/results/throughput.png)", "",
+        "Every committed run (the load average shows what else ran on the machine):", "",
+        markdown_table(["run", "rules", "UMIM options", "scenario", "UMIM / stock tok/s", "TR", "load average, start → end"], every),
+    ]
+    pair = RESULTS / "vllm-bench" / "summary.json"
+    if pair.is_file():
+        lines += ["", *vllm_bench_section(load(pair))]
+    return lines
 
-    stats = pstats.Stats(str(path)).stats
-    total = max(ct for (_, _, _), (_, _, _, ct, _) in stats.items())
-    label = lambda key: f"{key[0].split('site-packages/')[-1].split('/work/main/')[-1]}:{key[1]}({key[2]})"  # noqa: E731
-    by_self = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
-    umim_self = sum(tt for key, (_, _, tt, _, _) in stats.items() if "/vllm_umim/" in key[0])
-    stages = {}
-    for key, (_, _, tt, ct, _) in stats.items():
-        for stage, (file_part, name) in PROFILE_STAGES.items():
-            if file_part in key[0] and (not name or key[2] == name):
-                stages[stage] = max(stages.get(stage, 0.0), ct)
-    return {
-        "total_s": total,
-        "umim_self_s": umim_self,
-        "umim_self_share": umim_self / total if total else None,
-        "stages_cumulative_s": stages,
-        "top_self_time": [{"function": label(key), "self_s": tt, "cumulative_s": ct, "calls": nc} for key, (_, nc, tt, ct, _) in by_self],
-    }
+
+def vllm_bench_section(summary: dict) -> list[str]:
+    runs = summary["runs"]
+    rows = [[i, f"{stock['tokens_per_second']:.0f}", f"{umim['tokens_per_second']:.0f}", f"{ratio:.3f}"]
+            for i, (stock, umim, ratio) in enumerate(zip(runs["stock"], runs["umim"], summary["ratios"]["tokens_per_second"]))]
+    return [
+        "### vLLM's own `vllm bench throughput`", "",
+        f"The same command with and without `--umim-rules` (shipped rules), {runs['stock'][0]['num_requests']} requests of "
+        "held-out Wikipedia and GSM8K text in a ShareGPT-format file, vLLM's defaults, alternating which goes first "
+        f"(`python -m vllm_umim.bench.pair --rounds {len(rows)}`; `benchmarks/results/vllm-bench/`):", "",
+        markdown_table(["round", "stock tok/s", "UMIM tok/s", "UMIM / stock"], rows),
+    ]
+
+
+# Fidelity, frontier, alignment --------------------------------------------------------------------
+
+def fidelity_files(model: str) -> list[Path]:
+    folder = ARTIFACTS / model
+    return [p for p in [folder / "fidelity.json", *sorted((folder / "fidelity").glob("*.json"))] if p.is_file()]
+
+
+def fidelity_table(rows: list[dict], bf16: dict | None) -> str:
+    """One row per setting, the highest TR (on the first kind of text) first; then the bf16 line."""
+    measured = ("first_divergence_mean", "first_divergence_median", "equal_share", "kl_mean")
+    kinds = kinds_of(rows[0]["figures"])
+    table = [[row["label"], *fidelity_cells(row["figures"], ("overall_tr", *measured))]
+             for row in sorted(rows, key=lambda r: -r["figures"][kinds[0]]["overall_tr"])]
+    if bf16:
+        table.append(["stock bf16 vs fp32 (no merging)", "–", *fidelity_cells(bf16, measured)])
+    return markdown_table(["setting (module · rules · variant)", f"TR % prompt+output ({' / '.join(kinds)})",
+                           "1st divergence mean", "median", "equal-32 %", "KL"], table)
+
+
+def ppl_table(ppl: list[dict]) -> str:
+    rows = [[f"{row['rules']} · {row['module']}", f"{percent(row['tr'], 1)} %",
+             f"{row['ppl']:.1f} (+{percent(row['ppl'] / row['base_ppl'] - 1)} %; base {row['base_ppl']:.2f})"]
+            for row in sorted(ppl, key=lambda r: (r["module"], -r["tr"]))]
+    return markdown_table(["rules · module", "TR held-out windows", "two-stage PPL (base)"], rows)
+
+
+def alignment_table(evaluation: dict) -> str:
+    heldout = evaluation["heldout"]
+    trained_on = lambda module: evaluation["modules"].get(module, {}).get("training", {}).get("tokens_seen")  # noqa: E731
+    rows = [[module, f"{trained_on(module):,}" if trained_on(module) else "–", percent(m["top1"], 1), percent(m["top3"], 1), percent(m["top10"], 1), percent(m["mrr"], 1),
+             f"{m['kl']:.3f}", f"{m['ppl']:.1f} (+{percent(m['ppl'] / heldout['base_ppl'] - 1)} %)"]
+            for module, m in heldout["modules"].items()]
+    return markdown_table(["module", "trained on (raw tokens)", "top-1 %", "top-3 %", "top-10 %", "MRR %", "KL", "two-stage PPL"], rows)
+
+
+def model_section(model: str, plot_to: Path | None) -> list[str]:
+    lines = [f"## Fidelity and alignment: {model}"]
+    files = fidelity_files(model)
+    rows, bf16 = frontier.rows_of(files)
+    if rows:
+        kinds = " / ".join(kinds_of(rows[0]["figures"]))
+        lines += ["", f"Greedy 32-token continuations with merging against the same engine without it (`vllm-umim fidelity`, "
+                  f"fp32 engine; each cell {kinds}): TR over prompt + output, first divergence (index of the first "
+                  "differing output token; 32 = none), share equal for all 32 tokens, mean next-token KL. "
+                  + ("The last row compares stock vLLM in bf16 with fp32: the perturbation users already accept. " if bf16 else "")
+                  + "Source: " + ", ".join(f"`{relative(p)}`" for p in files if "figures" in load(p)) + ".", "",
+                  fidelity_table(rows, bf16)]
+    ppl = frontier.ppl_rows(files)
+    if ppl:
+        lines += ["", "Two-stage perplexity on held-out windows (`vllm-umim eval`, prompt-side merging):", "", ppl_table(ppl)]
+    points = ARTIFACTS / model / "operating-points.json"
+    if rows and model == POINTS_MODEL and points.is_file():
+        if plot_to:
+            frontier.plot(rows, bf16, ppl, load(points)["points"], plot_to)
+        lines += ["", "The frontier: every setting above, TR against agreement per text kind, operating points starred:", "",
+                  f"![TR against first divergence and equal-32 share, per text kind](../{relative(RESULTS / 'frontier.png')})"]
+    evaluation = ARTIFACTS / model / "eval.json"
+    if evaluation.is_file():
+        data = load(evaluation)
+        heldout = data["heldout"]
+        lines += ["", f"Merge-module alignment on {heldout['windows']} held-out windows ({heldout['raw_tokens']:,} tokens, "
+                  f"TR {percent(heldout['tr'], 1)} %, unmerged PPL {heldout['base_ppl']:.2f}; `vllm-umim eval`, "
+                  f"`{relative(evaluation)}`): the surrogate's next-token agreement with the unmerged model.", "",
+                  alignment_table(data)]
+    return lines
+
+
+# Training -----------------------------------------------------------------------------------------
+
+def training_section() -> list[str]:
+    path = RESULTS / "training-profile.json"
+    if not path.is_file():
+        return []
+    rows = [[r["seq_len"], r["batch_size"], r["precision"], r["threads"], f"{r['teacher_tok_per_s']:.0f}", f"{r['student_tok_per_s']:.0f}",
+             " / ".join(f"{100 * r['share'][k]:.0f}" for k in ("forward", "backward", "optimizer")), f"{r['mean_loss']:.4f}"]
+            for r in load(path)]
+    return ["## Where a training step's time goes", "",
+            "`python -m benchmarks.training_profile` (`benchmarks/results/training-profile.json`): the frozen teacher's "
+            "forward and top-k (cached once by `vllm-umim train`) and the student step, in raw tokens per second.", "",
+            markdown_table(["seq_len", "batch", "precision", "threads", "teacher tok/s", "student tok/s",
+                            "forward / backward / optimizer %", "mean loss"], rows)]
+
+
+# The page -----------------------------------------------------------------------------------------
+
+def render_page(plots: bool = False) -> str:
+    """The text of ``docs/results.md``; with ``plots``, also (re)draw its two PNGs."""
+    models = [POINTS_MODEL] + sorted(p.name for p in ARTIFACTS.iterdir() if p.is_dir() and p.name != POINTS_MODEL)
+    sections = [
+        ["# Results", "",
+         f"*Generated by `{COMMAND}` from the committed JSON under `artifacts/` and `benchmarks/results/`; "
+         "edit those or `benchmarks/report.py`, not this page (a test fails when they disagree). "
+         "How each figure is measured: [benchmarks/README.md](../benchmarks/README.md).*"],
+        operating_points_section(),
+        throughput_section(RESULTS / "throughput.png" if plots else None),
+        *(model_section(model, RESULTS / "frontier.png" if plots else None) for model in models
+          if fidelity_files(model) or (ARTIFACTS / model / "eval.json").is_file()),
+        training_section(),
+    ]
+    return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
+
+
+def readme_with_summary(text: str) -> str:
+    """README text with the operating-points table between the markers (unchanged without them)."""
+    start, end = MARKERS
+    if start not in text or end not in text:
+        return text
+    head, rest = text.split(start, 1)
+    return f"{head}{start}\n{operating_points_summary()}\n{end}{rest.split(end, 1)[1]}"
+
+
+def expected_texts(plots: bool = False) -> dict[Path, str]:
+    texts = {PAGE: render_page(plots)}
+    if README.is_file():
+        texts[README] = readme_with_summary(README.read_text())
+    return texts
+
+
+def stale(texts: dict[Path, str]) -> list[Path]:
+    """The files whose committed text differs from what the JSON gives."""
+    return [path for path, text in texts.items() if not path.is_file() or path.read_text() != text]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated text is out of date")
+    args = parser.parse_args(argv)
+    if args.check:
+        out_of_date = stale(expected_texts())
+        if out_of_date:
+            sys.exit(f"out of date (run {COMMAND}): " + ", ".join(relative(p) for p in out_of_date))
+        print("docs/results.md is current")
+        return
+    PAGE.parent.mkdir(exist_ok=True)
+    for path, text in expected_texts(plots=True).items():
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {relative(path)}")
+    print(f"drew {relative(RESULTS / 'throughput.png')}, {relative(RESULTS / 'frontier.png')}")
+
+
+if __name__ == "__main__":
+    main()

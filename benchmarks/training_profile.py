@@ -1,6 +1,6 @@
-"""Where a training step's time goes (issue 10: "measure where it goes, cut it").
+"""Where a training step's time goes: teacher, student forward, backward, optimizer.
 
-    python benchmarks/training_profile.py [--model DIR] [--rules FILE] [--steps 3] [--seq-lens 128 256]
+    python -m benchmarks.training_profile [--model DIR] [--rules FILE] [--steps 3] [--seq-lens 128 256]
 
 For each setting (sequence length x precision x threads) it times, on the same Wikipedia windows:
 

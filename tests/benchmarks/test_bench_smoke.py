@@ -19,13 +19,12 @@ def test_help_passes_through_to_the_benchmark():
 
 
 def test_engines_run_in_vllm_defaults_unless_told():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import bench_throughput
+    from vllm_umim.bench import harness
 
-    args = bench_throughput.build_parser().parse_args([])
+    args = harness.build_parser().parse_args([])
     assert args.enforce_eager is None or args.enforce_eager is False
     assert args.dtype == "auto"
-    eager = bench_throughput.build_parser().parse_args(["--enforce-eager", "--dtype", "float32"])
+    eager = harness.build_parser().parse_args(["--enforce-eager", "--dtype", "float32"])
     assert eager.enforce_eager is True and eager.dtype == "float32"
 
 

@@ -1,6 +1,6 @@
-"""One engine, stock vLLM or vllm_umim, in its own process; driven by ``bench_throughput.py``.
+"""One engine, stock vLLM or vllm_umim, in its own process; driven by ``vllm_umim.bench.harness``.
 
-    python engine_worker.py SPEC_JSON RESULT_FD
+    python -m vllm_umim.bench.worker SPEC_JSON RESULT_FD
 
 SPEC_JSON: ``{"engine_kwargs": {...EngineArgs fields...}, "label": "stock"}``. Commands arrive as
 JSON lines on stdin (``{"prompts": path, "output_len": n, "temperature": t, "profile": path|null}``,

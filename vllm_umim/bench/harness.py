@@ -1,18 +1,18 @@
 """Throughput of vllm_umim next to stock vLLM, like ``vllm bench throughput``, on natural text.
 
-    python benchmarks/bench_throughput.py [vLLM engine args] [--scenario prefill-heavy decode-heavy decode-long no-merge]
-    vllm-umim bench ...                     (the same)
+    vllm-umim bench [vLLM engine args] [--scenario prefill-heavy decode-heavy decode-long no-merge]
+    python -m vllm_umim.bench ...            (the same)
 
 The engine arguments are vLLM's own (``EngineArgs.add_cli_args``, ``--umim-*`` included); both
 engines get the same ones, the stock one without ``--umim-*``. Each engine runs in its own process
-(``engine_worker.py``); both stay up for a scenario and serve it alternately, the first engine
-swapping every repetition (stock-umim, umim-stock, ...), so drifting machine load hits both
+(``vllm_umim.bench.worker``); both stay up for a scenario and serve it alternately, the first
+engine swapping every repetition (stock-umim, umim-stock, ...), so drifting machine load hits both
 alike. Requests: ``ignore_eos``, fixed output length, all added at once, as in ``vllm bench
 throughput``. Throughput counts raw tokens delivered (prompt + output as the user sent and got
 them), never merged positions.
 
 Writes ``<output-dir>/throughput.json``, ``throughput.png`` (throughput ratio and KV saved vs token
-reduction) and ``throughput.md`` (the table, for the README).
+reduction) and ``throughput.md`` (the table).
 """
 
 from __future__ import annotations
@@ -26,25 +26,32 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-REPO = HERE.parent
-DEFAULT_RULES = REPO / "artifacts" / "smollm2-135m" / "rules.bin"
-DEFAULT_OUTPUT_DIR = HERE / "results"
+from vllm_umim.bench.summary import profile_summary, summarize, write_outputs
+from vllm_umim.bench.workloads import SCENARIOS, kv_block_size, natural_documents, natural_prompts, never_matching_rules, scenario
+from vllm_umim.errors import UmimError
 
-from report import summarize, write_outputs  # noqa: E402
-from workloads import SCENARIOS, kv_block_size, natural_documents, natural_prompts, never_matching_rules, scenario  # noqa: E402
+SHIPPED_RULES = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m" / "rules.bin"  # in a checkout
+DEFAULT_OUTPUT_DIR = Path("bench-results")
+
+
+def default_rules() -> str:
+    """The shipped SmolLM2-135M rules of a checkout (editable install); elsewhere --umim-rules is needed."""
+    if not SHIPPED_RULES.is_file():
+        raise UmimError(f"no --umim-rules given and no shipped rules at {SHIPPED_RULES} (a repository checkout has them); "
+                        "pass --umim-rules RULES_OR_POINT_FOLDER")
+    return str(SHIPPED_RULES)
 
 
 def build_parser():
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from vllm_umim.server.patches import apply_patches
-
-    apply_patches()  # adds the --umim-* flags to EngineArgs.add_cli_args
+    load_general_plugins()  # this package's umim_server plugin adds the --umim-* flags, as in vllm serve
     parser = FlexibleArgumentParser(prog="vllm-umim bench", description=__doc__.splitlines()[0])
     EngineArgs.add_cli_args(parser)
+    if not any(action.dest == "umim_rules" for action in parser._actions):
+        raise UmimError("the --umim-* flags come from the vLLM plugin 'umim_server', which VLLM_PLUGINS leaves out")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     bench.add_argument("--repetitions", type=int, default=3)
@@ -54,7 +61,7 @@ def build_parser():
     bench.add_argument("--kv-blocks", type=int, default=None, help="override the KV-bound scenarios' num_gpu_blocks_override")
     bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); vLLM's bench uses 1.0")
     bench.add_argument("--profile", action="store_true", help="also profile one UMIM run per scenario (cProfile, in-process engine)")
-    bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help=f"where the results go (default {DEFAULT_OUTPUT_DIR}/)")
     # vLLM's own defaults (torch.compile, bf16 on CPU; CUDA graphs on GPU), as users run it:
     # --enforce-eager and --dtype float32 are vLLM's flags for the other setups
     parser.set_defaults(max_model_len=1024, seed=0)
@@ -78,7 +85,7 @@ def engine_kwargs_of(args) -> dict:
 
 
 class EngineProcess:
-    """``engine_worker.py`` for one engine: start it, send runs, read their measurements."""
+    """``vllm_umim.bench.worker`` for one engine: start it, send runs, read their measurements."""
 
     def __init__(self, label: str, engine_kwargs: dict, log_dir: Path, env: dict | None = None):
         self.label = label
@@ -86,7 +93,7 @@ class EngineProcess:
         self.log = open(log_dir / f"{label}.log", "ab")
         spec = json.dumps({"label": label, "engine_kwargs": engine_kwargs})
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "engine_worker.py"), spec, str(write_fd)],
+            [sys.executable, "-m", "vllm_umim.bench.worker", spec, str(write_fd)],
             stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
             env={**os.environ, **(env or {})}, text=True,
         )
@@ -141,7 +148,7 @@ def prepare_scenario(spec, engine_kwargs: dict, tokenizer, documents, work_dir: 
     if spec.kv_blocks is not None:  # KV-bound: exactly kv_blocks blocks; one request must still fit
         max_model_len, block_size = spec.input_len + spec.output_len, kv_block_size()
         if spec.kv_blocks * block_size < max_model_len:
-            raise ValueError(f"--kv-blocks {spec.kv_blocks} x {block_size} tokens cannot hold one request of {max_model_len} tokens")
+            raise UmimError(f"--kv-blocks {spec.kv_blocks} x {block_size} tokens cannot hold one request of {max_model_len} tokens")
         for kwargs in (stock_kwargs, umim_kwargs):
             kwargs.update(num_gpu_blocks_override=spec.kv_blocks, block_size=block_size, max_model_len=max_model_len)
     return prompts_path, stock_kwargs, umim_kwargs
@@ -179,8 +186,6 @@ def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir: 
 
 def profile_scenario(spec, command, umim_kwargs, work_dir: Path) -> dict:
     """One UMIM run with scheduler, runner and model in one process, under cProfile."""
-    from report import profile_summary
-
     engine = EngineProcess(f"{spec.name}-umim-profile", umim_kwargs, work_dir, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     try:
         engine.receive()
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         args.model = str(fetch_model("smollm2-135m"))
     if args.umim_rules is None:
-        args.umim_rules = str(DEFAULT_RULES)
+        args.umim_rules = default_rules()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     engine_kwargs = engine_kwargs_of(args)
     umim = engine_kwargs["additional_config"]["umim"] = resolve_operating_point(engine_kwargs["additional_config"]["umim"])

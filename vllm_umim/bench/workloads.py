@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from vllm_umim.errors import UmimError
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -44,7 +46,7 @@ def kv_block_size() -> int:
 
 def scenario(name: str, **overrides) -> Scenario:
     if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+        raise UmimError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
     return replace(SCENARIOS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -69,7 +71,7 @@ def natural_prompts(tokenizer, documents: list[str], num_prompts: int, input_len
         if len(ids) >= input_len:
             long_enough.append(ids[:input_len])
     if len(long_enough) < num_prompts:
-        raise ValueError(f"only {len(long_enough)} documents have >= {input_len} tokens; ask for fewer prompts or shorter ones")
+        raise UmimError(f"only {len(long_enough)} documents have >= {input_len} tokens; ask for fewer prompts or shorter ones")
     return long_enough[:num_prompts]
 
 
@@ -86,7 +88,7 @@ def never_matching_rules(real_rules, tokenizer, texts_ids: list[list[int]]):
         seen[np.asarray(ids)] = True
     absent = np.flatnonzero(~seen)[::-1][:64]  # the 64 highest unused ids
     if len(absent) < 8:
-        raise ValueError("the workload uses nearly the whole vocabulary; no never-matching rules can be built")
+        raise UmimError("the workload uses nearly the whole vocabulary; no never-matching rules can be built")
     rng = np.random.default_rng(0)
     ngrams, counts = {}, {}
     for n in real_rules.lengths:

@@ -1,7 +1,7 @@
 """vLLM's own ``vllm bench throughput`` with ``--umim-rules`` against the same command without it.
 
-    python benchmarks/vllm_bench_pair.py [--rounds 2] [--num-prompts 128] [--input-words 120] [--output-len 64]
-        [--output-dir benchmarks/results/vllm-bench] [-- extra vllm bench throughput args]
+    python -m vllm_umim.bench.pair [--rounds 2] [--num-prompts 128] [--input-words 120] [--output-len 64]
+        [--output-dir bench-results/vllm-bench] [-- extra vllm bench throughput args]
 
 Writes a ShareGPT-format file of natural text (held-out Wikipedia openings and GSM8K problems:
 random-token datasets never match a rule), then runs, ``rounds`` times and alternating which goes
@@ -21,16 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-REPO = HERE.parent
-DEFAULT_RULES = REPO / "artifacts" / "smollm2-135m" / "rules.bin"
+from vllm_umim.bench.harness import DEFAULT_OUTPUT_DIR, default_rules
+from vllm_umim.bench.workloads import natural_documents
+from vllm_umim.errors import UmimError
 
 
 def write_sharegpt_file(path: Path, num_prompts: int, input_words: int) -> None:
     """One conversation per document: the human turn is its first ``input_words`` words."""
-    from workloads import natural_documents
-
     conversations = []
     for document in natural_documents():
         words = document.split()
@@ -41,7 +38,7 @@ def write_sharegpt_file(path: Path, num_prompts: int, input_words: int) -> None:
         if len(conversations) == num_prompts:
             break
     if len(conversations) < num_prompts:  # vLLM's sampler would repeat prompts (prefix-cache hits)
-        raise ValueError(f"only {len(conversations)} documents have >= {input_words + 20} words; ask for fewer prompts or words")
+        raise UmimError(f"only {len(conversations)} documents have >= {input_words + 20} words; ask for fewer prompts or words")
     path.write_text(json.dumps(conversations))
 
 
@@ -66,18 +63,19 @@ def run_bench(model: str, dataset: Path, args, umim_rules: str | None, out: Path
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--umim-rules", default=str(DEFAULT_RULES))
+    parser.add_argument("--umim-rules", default=None, help="rules file or operating-point folder (default: the shipped rules)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--input-words", type=int, default=120)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--output-dir", type=Path, default=HERE / "results" / "vllm-bench")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "vllm-bench")
     parser.add_argument("extra", nargs="*", help="after --: more vllm bench throughput arguments, for both runs")
     args = parser.parse_args(argv)
     if args.model is None:
         from vllm_umim.data.model import fetch_model
 
         args.model = str(fetch_model("smollm2-135m"))
+    args.umim_rules = args.umim_rules or default_rules()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     dataset = args.output_dir / "natural-text.sharegpt.json"
     write_sharegpt_file(dataset, args.num_prompts, args.input_words)
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{result['requests_per_second']:.3f} req/s (process {result['process_s']:.0f} s)", flush=True)
     ratios = {key: [u[key] / s[key] for s, u in zip(runs["stock"], runs["umim"])] for key in ("tokens_per_second", "requests_per_second")}
     report = {
-        "command": " ".join(["python benchmarks/vllm_bench_pair.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m vllm_umim.bench.pair", *(argv if argv is not None else sys.argv[1:])]),
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "runs": runs,
         "ratios": ratios,
