@@ -51,7 +51,7 @@ STOCK_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.work
 # vLLM's hybrid KV cache manager (several KV cache groups: sliding-window models such as Gemma 3)
 # honours KVCacheCoordinator.num_reprefillable_tokens only for EAGLE groups, so it would put blocks
 # a decode merge may still rewrite into the prefix cache. With it off, every layer's KV lives in one
-# group (sliding-window layers keep the tokens outside their window: more KV memory, same outputs).
+# group (sliding-window layers still attend within their window but keep the KV outside it: more memory).
 HYBRID_KV_REFUSAL = (
     "vLLM's hybrid KV cache manager (it would cache KV blocks that a decode merge may still rewrite)"
 )
