@@ -1,4 +1,5 @@
-"""The vLLM methods vllm_umim wraps still exist with the parameters it relies on (vLLM 0.32.0)."""
+"""The engine's wrappers (``vllm_umim.engine.patches``) and the setups they refuse. What they wrap is
+pinned with every other vLLM internal in ``tests/engine/test_internals.py``."""
 
 import os
 from types import SimpleNamespace
@@ -7,45 +8,26 @@ import pytest
 import vllm
 
 from vllm_umim.engine.config import UmimConfig, check_vllm_config
-from vllm_umim.engine.patches import PATCHED, PINNED_VLLM, apply_patches, pin_violations
+from vllm_umim.engine.patches import PATCHED, apply_patches, unwrapped
+from vllm_umim.engine.version import SUPPORTED_VLLM
 from vllm_umim.errors import UmimError
 
 
-def test_vllm_version_is_the_pinned_one():
-    assert vllm.__version__.split("+")[0] == PINNED_VLLM
+def test_vllm_version_is_the_supported_one():
+    assert vllm.__version__.split("+")[0] == SUPPORTED_VLLM
 
 
-def test_patched_methods_keep_their_signatures():
+def test_every_wrapper_is_installed():
     apply_patches()
-    assert pin_violations(PATCHED) == []
-
-
-def test_patched_vllm_internals_exist():
-    from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    for owner, name in [
-        (Scheduler, "_update_request_with_output"),
-        (Scheduler, "_free_request"),
-        (Scheduler, "add_request"),
-        (GPUModelRunner, "_update_states"),
-        (InputBatch, "_make_prompt_token_ids_cpu_tensor"),
-        (KVCacheCoordinator, "get_num_cacheable_tokens"),
-    ]:
-        assert callable(getattr(owner, name)), f"{owner.__name__}.{name} is gone"
-    assert isinstance(CachedRequestState.num_tokens, property)
-    import inspect
-
-    assert "num_reprefillable_tokens" in inspect.getsource(KVCacheCoordinator.get_num_cacheable_tokens)
+    assert unwrapped(PATCHED) == []
 
 
 def fake_vllm_config(**overrides):
-    values = dict(speculative=None, pp=1, tp=1, async_scheduling=False, hybrid=False, runner="generate", v2=False)
+    values = dict(speculative=None, pp=1, tp=1, async_scheduling=False, hybrid=False, runner="generate", v2=False, kv=None)
     values.update(overrides)
     return SimpleNamespace(
         use_v2_model_runner=values["v2"],
+        kv_transfer_config=values["kv"],
         speculative_config=values["speculative"],
         parallel_config=SimpleNamespace(pipeline_parallel_size=values["pp"], tensor_parallel_size=values["tp"]),
         scheduler_config=SimpleNamespace(async_scheduling=values["async_scheduling"]),
@@ -61,6 +43,7 @@ def fake_vllm_config(**overrides):
         ({"async_scheduling": True}, "async scheduling"),
         ({"hybrid": True}, "hybrid or recurrent"),
         ({"v2": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+        ({"kv": object()}, "a KV connector .--kv-transfer-config / kv_transfer_config"),
     ],
 )
 def test_unsupported_setups_are_refused(override, message):
@@ -110,25 +93,18 @@ def test_v1_model_runner_is_chosen_where_the_user_left_it_to_vllm(monkeypatch):
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
 
 
-def test_pin_check_fails_on_a_changed_or_unwrapped_method():
+def test_install_wrappers_wraps_once_and_unwrapped_names_what_is_not():
     from vllm_umim.engine.patches import install_wrappers
 
     class Owner:
         def method(self, a):
             return a
 
-    table = [(Owner, "method", ("self", "b"), lambda original: lambda self, *args: original(self, *args))]
-    assert pin_violations(table) == ["Owner.method is not wrapped", "Owner.method('self', 'a'): the wrapper relies on ('self', 'b')"]
+    table = [(Owner, "method", lambda original: lambda self, *args: original(self, *args) + 1)]
+    assert unwrapped(table) == ["Owner.method is not wrapped"]
     install_wrappers(table)
-    assert pin_violations(table) == ["Owner.method('self', 'a'): the wrapper relies on ('self', 'b')"]
-
-
-def test_cpu_ray_executor_pins():
-    """What UmimCpuRayExecutor (vLLM's Ray executor on the CPU platform) relies on in vLLM 0.32.0."""
-    pytest.importorskip("ray")
-    from vllm_umim.engine.patches import cpu_ray_pin_violations
-
-    assert cpu_ray_pin_violations() == []
+    install_wrappers(table)  # idempotent
+    assert unwrapped(table) == [] and Owner().method(1) == 2
 
 
 def test_cpu_ray_device_is_scoped_to_the_executor_start():
@@ -136,8 +112,7 @@ def test_cpu_ray_device_is_scoped_to_the_executor_start():
     from vllm.platforms import current_platform
     from vllm.v1.executor import ray_executor_v2
 
-    from vllm_umim.engine.patches import cpu_ray_device
-    from vllm_umim.engine.ray_executor import UmimCpuRayWorkerProc
+    from vllm_umim.engine.ray_executor import UmimCpuRayWorkerProc, cpu_ray_device
 
     stock_proc, stock_key = ray_executor_v2.RayWorkerProc, current_platform.ray_device_key
     assert stock_key == ""  # vLLM's CPU platform: no Ray
@@ -160,3 +135,52 @@ def test_ray_backend_selects_the_cpu_ray_executor_for_umim_engines_only(model_di
     assert config.parallel_config.distributed_executor_backend is UmimCpuRayExecutor and config.parallel_config.use_ray
     stock = EngineArgs(model=model_dir, distributed_executor_backend="ray").create_engine_config()
     assert stock.parallel_config.distributed_executor_backend == "ray"  # stock engines: vLLM's own refusal stands
+
+
+# ---- setups refused at the engine config step -----------------------------------------------------
+def umim_engine_args(model_dir, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from tests.engine.conftest import RULES
+
+    apply_patches()
+    return EngineArgs(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": "mean"}}, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"kv_transfer_config": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both"}},
+    {"kv_offloading_size": 1.0},
+], ids=["kv_transfer_config", "kv_offloading_size"])
+def test_kv_connectors_are_refused_in_one_line(model_dir, kwargs):
+    """Merge figures ride on kv_transfer_params, which a KV connector owns."""
+    from vllm.config import KVTransferConfig
+
+    if "kv_transfer_config" in kwargs:
+        kwargs = {"kv_transfer_config": KVTransferConfig(**kwargs["kv_transfer_config"])}
+    with pytest.raises(UmimError) as refused:
+        umim_engine_args(model_dir, **kwargs).create_engine_config()
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("UMIM cannot run with a KV connector (--kv-transfer-config")
+    assert "kv_transfer_params" in message
+
+
+def test_explicit_hybrid_kv_cache_manager_is_refused(model_dir):
+    with pytest.raises(UmimError, match="hybrid KV cache manager .*--no-disable-hybrid-kv-cache-manager"):
+        umim_engine_args(model_dir, disable_hybrid_kv_cache_manager=False).create_engine_config()
+
+
+def test_umim_engines_run_without_the_hybrid_kv_cache_manager(model_dir):
+    """Its coordinator would let rolled-back positions into the prefix cache (docs/vllm-internals.md)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinator
+
+    config = umim_engine_args(model_dir).create_engine_config()
+    assert config.scheduler_config.disable_hybrid_kv_cache_manager is True
+    # why: with 3 positions that may be rolled back, the unitary coordinator caches 61 of 64 computed
+    # tokens, the hybrid one all 64 (it honours num_reprefillable_tokens only for EAGLE groups)
+    unitary = SimpleNamespace(num_reprefillable_tokens=3)
+    hybrid = SimpleNamespace(num_reprefillable_tokens=3, _align_cacheable=lambda n: n - n % 16,
+                             single_type_managers=[SimpleNamespace(use_eagle=False, block_size=16)])
+    assert KVCacheCoordinator.get_num_cacheable_tokens(unitary, 64, 0) == 61
+    assert HybridKVCacheCoordinator.get_num_cacheable_tokens(hybrid, 64, 0) == 64

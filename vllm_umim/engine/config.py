@@ -146,6 +146,10 @@ def virtual_base(vllm_config) -> int:
 
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+KV_CONNECTOR_REFUSAL = (
+    "a KV connector (--kv-transfer-config / kv_transfer_config, or --kv-offloading-size): UMIM reports each "
+    "request's merge figures in kv_transfer_params, which a connector owns"
+)
 
 
 def prefer_v1_model_runner() -> None:
@@ -163,6 +167,8 @@ def check_vllm_config(vllm_config) -> None:
         problems.append("pipeline parallelism (later stages would not see the merged inputs)")
     if vllm_config.scheduler_config.async_scheduling:
         problems.append("async scheduling (a merge decided after sampling would arrive one step late)")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        problems.append(KV_CONNECTOR_REFUSAL)
     if getattr(vllm_config, "use_v2_model_runner", False):
         problems.append(f"Model Runner V2 (UMIM extends the V1 runner): set {V2_RUNNER_ENV}=0")
     model_config = vllm_config.model_config

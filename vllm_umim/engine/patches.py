@@ -9,7 +9,8 @@ wrapped (the server's wrappers live in ``vllm_umim.server.patches``):
   their content fingerprint in the config (so vLLM's compile cache follows the files), select the
   UMIM scheduler and worker, turn vLLM's "auto" async scheduling off (refuse it when asked for
   explicitly), choose the V1 model runner where the user left it to vLLM, and refuse unsupported
-  setups.
+  setups (a KV connector among them: merge figures ride on ``kv_transfer_params``); turn vLLM's
+  hybrid KV cache manager off (see ``HYBRID_KV_REFUSAL``).
 * ``InputProcessor._validate_params``: read a request's ``extra_args["umim"]`` (and the flat
   ``umim_window`` / ``umim_min_confidence`` of ``vllm_xargs``) into its merge settings in the API
   process, so a bad value is rejected there (LLM.generate raises a ValueError, the OpenAI server
@@ -18,46 +19,42 @@ wrapped (the server's wrappers live in ``vllm_umim.server.patches``):
 * ``RequestState.make_request_output``: with ``n > 1`` vLLM gives the request's output the KV
   transfer parameters of whichever sample finished last; sum every sample's merge figures instead.
 
-Not a wrapper but the same kind of reliance: ``cpu_ray_device`` swaps two vLLM attributes while
-``UmimCpuRayExecutor`` starts (vLLM's Ray executor on the CPU platform, which vLLM itself refuses;
-see ``vllm_umim.engine.ray_executor``), selected by ``create_engine_config`` for
-``distributed_executor_backend="ray"`` on CPU.
-
-``tests/engine/test_patches.py`` fails loudly when vLLM changes what these wrap.
+``docs/vllm-internals.md`` lists these and every other vLLM internal UMIM relies on; the table it is
+generated from (``vllm_umim.engine.internals``) pins each, and ``tests/engine/test_internals.py``
+fails loudly, naming the item, when vLLM changes one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 
-import vllm
 from vllm.engine.arg_utils import EngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.output_processor import RequestState
 
 from vllm_umim.engine.assets import validate_umim_files
-from vllm_umim.engine.config import CONFIG_KEY, FLAT_REQUEST_KEYS, UmimConfig, check_vllm_config, prefer_v1_model_runner
+from vllm_umim.engine.config import (
+    CONFIG_KEY, FLAT_REQUEST_KEYS, KV_CONNECTOR_REFUSAL, UmimConfig, check_vllm_config, prefer_v1_model_runner,
+)
 from vllm_umim.engine.operating_point import resolve_operating_point
 from vllm_umim.engine.stats import STATS_KEY, combine_stats
+from vllm_umim.engine.version import check_vllm_version
 from vllm_umim.errors import UmimError
 
-PINNED_VLLM = "0.32.0"
 SCHEDULER_CLS = "vllm_umim.engine.scheduler.UmimScheduler"
 CPU_WORKER_CLS = "vllm_umim.engine.worker.UmimCPUWorker"
 GPU_WORKER_CLS = "vllm_umim.engine.worker.UmimGPUWorker"
 STOCK_WORKER_CLS = ("auto", "vllm.v1.worker.cpu_worker.CPUWorker", "vllm.v1.worker.gpu_worker.Worker")
-CPU_RAY_DEVICE_KEY = "CPU"  # the Ray resource each CPU worker's placement-group bundle holds
 
-
-def check_vllm_version() -> None:
-    if vllm.__version__.split("+")[0] != PINNED_VLLM:
-        raise RuntimeError(
-            f"vllm_umim {__name__} is written against vLLM {PINNED_VLLM}, found {vllm.__version__}; "
-            "re-check the patched methods (tests/engine/test_patches.py) before using this version"
-        )
+# vLLM's hybrid KV cache manager (several KV cache groups: sliding-window models such as Gemma 3)
+# honours KVCacheCoordinator.num_reprefillable_tokens only for EAGLE groups, so it would put blocks
+# a decode merge may still rewrite into the prefix cache. With it off, every layer's KV lives in one
+# group (sliding-window layers still attend within their window but keep the KV outside it: more memory).
+HYBRID_KV_REFUSAL = (
+    "vLLM's hybrid KV cache manager (it would cache KV blocks that a decode merge may still rewrite)"
+)
 
 
 def _create_engine_config(original):
@@ -68,6 +65,8 @@ def _create_engine_config(original):
             return original(self, *args, **kwargs)
         options = resolve_operating_point(options)  # a folder's rules file and merge settings, spelled out
         config = UmimConfig.from_dict(options)
+        if self.kv_transfer_config is not None or self.kv_offloading_size is not None:
+            raise UmimError(f"UMIM cannot run with {KV_CONNECTOR_REFUSAL}")  # before any file is read
         fingerprint = validate_umim_files(self, config)
         self.additional_config = {**self.additional_config, CONFIG_KEY: {**options, "fingerprint": fingerprint}}
         if self.scheduler_cls not in (None, SCHEDULER_CLS):
@@ -79,6 +78,9 @@ def _create_engine_config(original):
                 "late): drop --async-scheduling / async_scheduling=True, or pass --no-async-scheduling"
             )
         self.async_scheduling = False  # vLLM's "auto" (None) would turn it on on GPU
+        if self.disable_hybrid_kv_cache_manager is False:
+            raise UmimError(f"UMIM cannot run with {HYBRID_KV_REFUSAL}: drop --no-disable-hybrid-kv-cache-manager")
+        self.disable_hybrid_kv_cache_manager = True  # see HYBRID_KV_REFUSAL
         prefer_v1_model_runner()
         vllm_config = original(self, *args, **kwargs)
         parallel = vllm_config.parallel_config
@@ -153,71 +155,21 @@ def _make_request_output(original):
     return make_request_output
 
 
-@contextlib.contextmanager
-def cpu_ray_device(worker_proc):
-    """While vLLM's ``RayExecutorV2._init_executor`` runs for a CPU engine: the platform's Ray
-    device key reads ``"CPU"`` (vLLM's CPU platform has ``""``, which ``ray_utils`` refuses), and
-    the executor spawns ``worker_proc`` actors instead of its ``RayWorkerProc`` (whose device-id
-    lookup reads Ray's accelerator ids, where ``"CPU"`` never is). Both are restored after."""
-    from vllm.platforms import current_platform
-    from vllm.v1.executor import ray_executor_v2
-
-    missing = object()
-    saved_key = current_platform.__dict__.get("ray_device_key", missing)
-    saved_proc = ray_executor_v2.RayWorkerProc
-    current_platform.ray_device_key = CPU_RAY_DEVICE_KEY
-    ray_executor_v2.RayWorkerProc = worker_proc
-    try:
-        yield
-    finally:
-        ray_executor_v2.RayWorkerProc = saved_proc
-        if saved_key is missing:
-            del current_platform.ray_device_key
-        else:
-            current_platform.ray_device_key = saved_key
-
-
-def cpu_ray_pin_violations() -> list[str]:
-    """What ``cpu_ray_device`` / ``UmimCpuRayExecutor`` rely on in vLLM 0.32.0 and no longer
-    holds (the pin test asserts it is empty)."""
-    from vllm.platforms.cpu import CpuPlatform
-    from vllm.v1.executor import ray_executor_v2, ray_utils
-
-    problems = []
-    if CpuPlatform.ray_device_key != "":
-        problems.append(f"CpuPlatform.ray_device_key is {CpuPlatform.ray_device_key!r}: vLLM may support Ray on CPU now")
-    init_source = inspect.getsource(ray_executor_v2.RayExecutorV2._init_executor)
-    for needle in ("initialize_ray_cluster(", "get_bundles_sorted_by_node(", "ray.remote(RayWorkerProc)",
-                   "self._get_actor_resource_kwargs()", "get_node_and_physical_gpu_ids.remote()"):
-        if needle not in init_source:
-            problems.append(f"RayExecutorV2._init_executor no longer calls {needle}")
-    for function in (ray_utils.initialize_ray_cluster, ray_utils.get_bundles_sorted_by_node):
-        if "current_platform.ray_device_key" not in inspect.getsource(function):
-            problems.append(f"ray_utils.{function.__name__} no longer reads current_platform.ray_device_key")
-    method = ray_executor_v2.RayWorkerProc.get_node_and_physical_gpu_ids
-    if tuple(inspect.signature(method).parameters) != ("self",):
-        problems.append("RayWorkerProc.get_node_and_physical_gpu_ids changed its parameters")
-    if not isinstance(inspect.getattr_static(ray_executor_v2.RayExecutorV2, "_get_actor_resource_kwargs"), staticmethod):
-        problems.append("RayExecutorV2._get_actor_resource_kwargs is no longer a staticmethod")
-    return problems
-
-
-# (owner, attribute, the parameters the wrapper relies on, wrapper factory)
+# (owner, attribute, wrapper factory); the signature each wrapper relies on is pinned in
+# vllm_umim.engine.internals
 PATCHED = [
-    (EngineArgs, "create_engine_config", ("self", "usage_context", "headless"), _create_engine_config),
-    (InputProcessor, "_validate_params", ("self", "params", "supported_tasks"), _validate_params),
-    (RequestState, "make_request_output", (
-        "self", "new_token_ids", "pooling_output", "finish_reason", "stop_reason", "kv_transfer_params",
-        "ec_transfer_params", "error",
-    ), _make_request_output),
+    (EngineArgs, "create_engine_config", _create_engine_config),
+    (InputProcessor, "_validate_params", _validate_params),
+    (RequestState, "make_request_output", _make_request_output),
 ]
 
 
 def install_wrappers(patched: list) -> None:
-    """Idempotent: wrap each ``(owner, name, _, factory)`` method once (static and class methods
-    stay what they are). The server layer installs its own table through this too."""
+    """Idempotent: wrap each ``(owner, name, factory)`` method once (static and class methods
+    stay what they are). The server layer installs its own table through this too. Refuses (one
+    line naming both versions) on a vLLM other than the supported one."""
     check_vllm_version()
-    for owner, name, _, factory in patched:
+    for owner, name, factory in patched:
         if hasattr(getattr(owner, name), "umim_original"):
             continue
         method = inspect.getattr_static(owner, name)
@@ -232,15 +184,8 @@ def apply_patches() -> None:
     install_wrappers(PATCHED)
 
 
-def pin_violations(patched: list) -> list[str]:
-    """What no longer holds for a table of wrapped methods (the pin tests assert it is empty): each
-    method is wrapped, and its parameters are still the ones the wrapper relies on."""
-    problems = []
-    for owner, name, expected, _ in patched:
-        method = getattr(owner, name)
-        if not hasattr(method, "umim_original"):
-            problems.append(f"{owner.__name__}.{name} is not wrapped")
-        parameters = tuple(inspect.signature(getattr(method, "umim_original", method)).parameters)
-        if parameters != expected:
-            problems.append(f"{owner.__name__}.{name}{parameters}: the wrapper relies on {expected}")
-    return problems
+def unwrapped(patched: list) -> list[str]:
+    """The methods of a ``(owner, name, factory)`` table that are not wrapped (after
+    ``install_wrappers``, none: the tests assert it)."""
+    return [f"{owner.__name__}.{name} is not wrapped" for owner, name, _ in patched
+            if not hasattr(getattr(owner, name), "umim_original")]

@@ -15,8 +15,7 @@ vLLM's documented extension point for executors is ``distributed_executor_backen
 it when a UMIM engine on CPU asks for ``"ray"``:
 
 * placement-group bundles of one Ray ``CPU`` each (``current_platform.ray_device_key`` reads
-  ``"CPU"`` while the executor starts, and only then: ``cpu_ray_device`` in
-  ``vllm_umim.engine.patches``);
+  ``"CPU"`` while the executor starts, and only then: :func:`cpu_ray_device`);
 * worker actors take no Ray resources of their own (they run inside their CPU bundle), like
   vLLM's GPU actors take ``num_cpus=0``;
 * each worker reports no device ids (``UmimCpuRayWorkerProc``): a CPU worker has none.
@@ -29,8 +28,36 @@ the UMIM worker class from ``parallel_config.worker_cls`` — is vLLM's.
 
 from __future__ import annotations
 
+import contextlib
+
 import ray
+from vllm.v1.executor import ray_executor_v2
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2, RayWorkerProc
+
+CPU_RAY_DEVICE_KEY = "CPU"  # the Ray resource each CPU worker's placement-group bundle holds
+
+
+@contextlib.contextmanager
+def cpu_ray_device(worker_proc):
+    """While vLLM's ``RayExecutorV2._init_executor`` runs for a CPU engine: the platform's Ray
+    device key reads ``"CPU"`` (vLLM's CPU platform has ``""``, which ``ray_utils`` refuses), and
+    the executor spawns ``worker_proc`` actors instead of its ``RayWorkerProc`` (whose device-id
+    lookup reads Ray's accelerator ids, where ``"CPU"`` never is). Both are restored after."""
+    from vllm.platforms import current_platform
+
+    missing = object()
+    saved_key = current_platform.__dict__.get("ray_device_key", missing)
+    saved_proc = ray_executor_v2.RayWorkerProc
+    current_platform.ray_device_key = CPU_RAY_DEVICE_KEY
+    ray_executor_v2.RayWorkerProc = worker_proc
+    try:
+        yield
+    finally:
+        ray_executor_v2.RayWorkerProc = saved_proc
+        if saved_key is missing:
+            del current_platform.ray_device_key
+        else:
+            current_platform.ray_device_key = saved_key
 
 
 class UmimCpuRayWorkerProc(RayWorkerProc):
@@ -50,7 +77,5 @@ class UmimCpuRayExecutor(RayExecutorV2):
         return {"num_gpus": 0}
 
     def _init_executor(self) -> None:
-        from vllm_umim.engine.patches import cpu_ray_device
-
         with cpu_ray_device(worker_proc=UmimCpuRayWorkerProc):
             super()._init_executor()

@@ -17,7 +17,9 @@ wrappers are in ``vllm_umim.engine.patches``, which knows nothing of the server)
   on the conversation context, and ``OpenAIServingResponses.responses_full_generator`` (which also
   builds the ``response.completed`` event of a stream) adds ``usage.umim`` from them.
 
-``tests/server/test_patches.py`` fails loudly when vLLM changes what these wrap.
+``docs/vllm-internals.md`` lists these with every other vLLM internal UMIM relies on; the table it
+is generated from (``vllm_umim.engine.internals``) pins each, and ``tests/engine/test_internals.py``
+fails loudly, naming the item, when vLLM changes one.
 """
 
 from __future__ import annotations
@@ -128,39 +130,18 @@ def _responses_full_generator(original):
     return responses_full_generator
 
 
-# (owner, attribute, the parameters the wrapper relies on, wrapper factory)
+# (owner, attribute, wrapper factory); the signature each wrapper relies on is pinned in
+# vllm_umim.engine.internals (one inventory of every vLLM internal UMIM relies on)
 PATCHED = [
-    (EngineArgs, "add_cli_args", ("parser",), _add_cli_args),
-    (EngineArgs, "from_cli_args", ("cls", "args"), _from_cli_args),
-    (AsyncLLM, "generate", (
-        "self", "prompt", "sampling_params", "request_id", "prompt_text", "lora_request", "tokenization_kwargs",
-        "trace_headers", "priority", "data_parallel_rank", "session_id", "kv_hints", "reasoning_ended",
-        "reasoning_parser_kwargs",
-    ), _generate),
-    (OpenAIServingCompletion, "request_output_to_completion_response", (
-        "self", "final_res_batch", "request", "request_id", "created_time", "model_name", "tokenizer",
-        "request_metadata",
-    ), _request_output_to_completion_response),
-    (OpenAIServingCompletion, "completion_stream_generator", (
-        "self", "request", "engine_inputs", "result_generator", "request_id", "created_time", "model_name",
-        "num_prompts", "tokenizer", "request_metadata",
-    ), _completion_stream_generator),
-    (OpenAIServingChat, "chat_completion_full_generator", (
-        "self", "request", "result_generator", "request_id", "model_name", "conversation", "tokenizer",
-        "request_metadata", "parser", "mm_token_counts",
-    ), _chat_completion_full_generator),
-    (OpenAIServingChat, "chat_completion_stream_generator", (
-        "self", "request", "result_generator", "request_id", "model_name", "conversation", "tokenizer",
-        "request_metadata", "chat_template_kwargs", "mm_token_counts",
-    ), _chat_completion_stream_generator),
-    (OpenAIServingResponses, "_generate_with_builtin_tools", (
-        "self", "request_id", "engine_input", "sampling_params", "context", "tok_params", "lora_request", "priority",
-        "trace_headers", "session_id", "reasoning_parser_kwargs",
-    ), _generate_with_builtin_tools),
-    (OpenAIServingResponses, "responses_full_generator", (
-        "self", "request", "sampling_params", "result_generator", "context", "model_name", "tokenizer",
-        "request_metadata", "created_time",
-    ), _responses_full_generator),
+    (EngineArgs, "add_cli_args", _add_cli_args),
+    (EngineArgs, "from_cli_args", _from_cli_args),
+    (AsyncLLM, "generate", _generate),
+    (OpenAIServingCompletion, "request_output_to_completion_response", _request_output_to_completion_response),
+    (OpenAIServingCompletion, "completion_stream_generator", _completion_stream_generator),
+    (OpenAIServingChat, "chat_completion_full_generator", _chat_completion_full_generator),
+    (OpenAIServingChat, "chat_completion_stream_generator", _chat_completion_stream_generator),
+    (OpenAIServingResponses, "_generate_with_builtin_tools", _generate_with_builtin_tools),
+    (OpenAIServingResponses, "responses_full_generator", _responses_full_generator),
 ]
 
 
