@@ -6,10 +6,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses the real SmolLM2 model or a vLLM engine")
-
-
 class WordTokenizer:
     """A deterministic whitespace tokenizer over a fixed word list (enough for mining tests)."""
 
