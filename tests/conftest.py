@@ -85,7 +85,8 @@ def make_ruleset(ngrams, vocab_size: int = 64):
 # which shuts the engine down right after the last test of the run that names the fixture, rather
 # than when its scope ends: a session-scoped engine then holds its memory (weights, 1 GiB of KV
 # cache) only as long as some test still needs it, and the engines and servers that later tests
-# start find it free. A test must name the engines it uses as parameters (not getfixturevalue).
+# start find it free. A test that reaches an engine through ``request.getfixturevalue`` names it in
+# ``@pytest.mark.engines(...)``, so that it counts as a user.
 
 _last_user: dict[str, str] = {}  # fixture name -> node id of the last test in the run that uses it
 _release: dict[str, Callable[[], None]] = {}  # fixture name -> shut its engine down (once)
@@ -118,7 +119,8 @@ def pytest_collection_modifyitems(items):
 
 def pytest_collection_finish(session):
     for item in session.items:
-        for name in getattr(item, "fixturenames", ()):
+        named = [name for marker in item.iter_markers("engines") for name in marker.args]
+        for name in [*getattr(item, "fixturenames", ()), *named]:
             _last_user[name] = item.nodeid
 
 

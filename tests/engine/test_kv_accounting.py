@@ -54,14 +54,15 @@ def test_preemption_and_aborts_happened(stress):
     assert everyone - set(stress["aborted"]) <= set(stress["finished"])
 
 
-def test_preempted_requests_rebuild_the_same_sequence(stress, umim_llm, default_umim_llm):
+@pytest.mark.engines("umim_llm", "default_umim_llm")  # reached through getfixturevalue: see tests/conftest.py
+def test_preempted_requests_rebuild_the_same_sequence(stress, request):
     """Greedy outputs of preempted, finished requests equal an engine run (same setup) that never preempts.
 
     fp32 eager: exactly. bf16 (vLLM's defaults): a bf16 forward depends on how the batch was cut
     (chunked prefill here, whole prompts there), so some continuations differ whether or not they
     were preempted; preempted requests must then agree at least as often as the requests of the
     same run that were never preempted (a rebuild that went wrong would show as far fewer)."""
-    llm = umim_llm if stress["setup"] == "eager-fp32" else default_umim_llm  # both named: see tests/conftest.py
+    llm = request.getfixturevalue("umim_llm" if stress["setup"] == "eager-fp32" else "default_umim_llm")
     aborted = set(stress["aborted"])
     finished = [(r, p, params) for r, p, params in stress["requests"] if r not in aborted and r in stress["finished"]]
     outputs = llm.generate(token_prompts([p for _, p, _ in finished]), [SamplingParams(**params) for *_, params in finished], use_tqdm=False)
