@@ -24,6 +24,7 @@ done
 python -m ruff --version >/dev/null 2>&1 || { echo "test.sh: ruff is not installed (pip install -e \".[lint]\")" >&2; exit 1; }
 python -m ruff check .
 if (( fast )); then
+  echo "check_cuda_compile: left out by --fast"
   python -m pytest -q -ra --durations=20 -m "not slow" "${paths[@]}" "${args[@]}"
 else
   bash scripts/check_cuda_compile.sh
