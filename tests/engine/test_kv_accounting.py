@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
-from tests.engine.conftest import DEFAULT_ENGINE_ARGS, ENGINE_ARGS, RULES, module_for_tests, token_prompts
+from tests.engine.conftest import ENGINE_ARGS, RULES, module_for_tests, token_prompts
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
