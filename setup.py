@@ -1,4 +1,4 @@
-"""Build vllm_umim and its native ops (csrc/) with torch's cpp_extension.
+"""The native build of vllm_umim (metadata, dependencies, entry points: pyproject.toml).
 
 CPU sources (``csrc/*.cpp``) are always compiled into ``vllm_umim._C``; CUDA twins
 (``csrc/*.cu``) are added only when torch was built with CUDA and nvcc is present.
@@ -7,13 +7,10 @@ already installed (an isolated build would download a CUDA torch).
 """
 
 import glob
-import os
 
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
 def native_extension():
@@ -31,29 +28,6 @@ def native_extension():
 
 
 setup(
-    name="vllm_umim",
-    version="0.1.0",
-    description="UMIM token merging (multi-step input merging) for vLLM",
-    packages=find_packages(include=["vllm_umim", "vllm_umim.*"]),
-    package_data={"vllm_umim": ["py.typed"]},
-    python_requires=">=3.10",
-    install_requires=[
-        "numpy",
-        "safetensors",
-        "tqdm",
-        "transformers",
-    ],
-    extras_require={
-        "data": ["gguf", "accelerate", "pyarrow"],
-        "test": ["pytest", "hypothesis"],
-    },
     ext_modules=[native_extension()],
     cmdclass={"build_ext": BuildExtension},
-    entry_points={
-        "console_scripts": ["vllm-umim = vllm_umim.cli.main:main"],
-        "vllm.general_plugins": [
-            "umim = vllm_umim.engine.plugin:register",  # scheduler, worker, config (offline LLM and server)
-            "umim_server = vllm_umim.server.plugin:register",  # --umim-* flags, usage.umim, /metrics
-        ],
-    },
 )

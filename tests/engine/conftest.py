@@ -1,4 +1,5 @@
-"""vLLM engines shared by the engine tests (one start each per session: ~30 s apiece)."""
+"""Engine-test settings and the engines only the engine tests use. The SmolLM2 fixtures and the
+engines other packages share too (``stock_llm``, ``umim_llm``) are in ``tests/conftest.py``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from tests.conftest import shut_down, until_last_use
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
@@ -35,35 +38,6 @@ def module_for_tests() -> str:
 
 
 @pytest.fixture(scope="session")
-def model_dir() -> str:
-    from vllm_umim.data.model import fetch_model
-
-    return str(fetch_model("smollm2-135m"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
-
-
-@pytest.fixture(scope="session")
-def heldout_prompts(tokenizer) -> list[list[int]]:
-    """60 held-out Wikipedia openings, 64 tokens each (articles shorter than that skipped)."""
-    from vllm_umim.data.corpus import fetch_corpus, read_documents
-
-    prompts = []
-    for document in read_documents(fetch_corpus("wiki") / "heldout.txt"):
-        ids = tokenizer(document, add_special_tokens=False)["input_ids"]
-        if len(ids) >= 64:
-            prompts.append(ids[:64])
-        if len(prompts) == 60:
-            break
-    return prompts
-
-
-@pytest.fixture(scope="session")
 def empty_rules(tmp_path_factory, tokenizer) -> str:
     from vllm_umim.rules import RuleSet, save_rules, tokenizer_fingerprint
 
@@ -73,25 +47,8 @@ def empty_rules(tmp_path_factory, tokenizer) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def stock_llm(model_dir):
-    from vllm import LLM
-
-    return LLM(model=model_dir, **ENGINE_ARGS)
-
-
-@pytest.fixture(scope="session")
-def umim_llm(model_dir):
-    from vllm import LLM
-
-    options = {"rules": str(RULES), "module": module_for_tests(), "max_window": MAX_WINDOW}
-    return LLM(model=model_dir, additional_config={"umim": options}, **ENGINE_ARGS)
-
-
 def engine_until_done(**kwargs):
-    """An engine for a fixture, shut down when the fixture ends. The engines only these engine tests
-    use end with this package (``scope="package"``), so the servers the server tests start later
-    find the memory they need; ``stock_llm`` and ``umim_llm`` serve both and live for the session."""
+    """An engine for a fixture, shut down when the fixture's scope ends."""
     from vllm import LLM
 
     llm = LLM(**kwargs)
@@ -101,15 +58,25 @@ def engine_until_done(**kwargs):
     gc.collect()
 
 
-@pytest.fixture(scope="package")
-def default_umim_llm(model_dir):
-    yield from engine_until_done(model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}},
-                                 **DEFAULT_ENGINE_ARGS)
+def engine_until_last_use(request, **kwargs):
+    """An engine for a fixture, shut down after the last test of the run that uses the fixture
+    (``tests/conftest.py``): the memory it holds is free for the engines later tests start."""
+    from vllm import LLM
+
+    llm = LLM(**kwargs)
+    yield from until_last_use(request, llm, shut_down(llm))
 
 
 @pytest.fixture(scope="package")
-def empty_rules_llm(model_dir, empty_rules):
-    yield from engine_until_done(model=model_dir, additional_config={"umim": {"rules": empty_rules, "module": "mean"}}, **ENGINE_ARGS)
+def default_umim_llm(request, model_dir):
+    yield from engine_until_last_use(request, model=model_dir, additional_config={"umim": {"rules": str(RULES), "module": module_for_tests()}},
+                                     **DEFAULT_ENGINE_ARGS)
+
+
+@pytest.fixture(scope="package")
+def empty_rules_llm(request, model_dir, empty_rules):
+    yield from engine_until_last_use(request, model=model_dir, additional_config={"umim": {"rules": empty_rules, "module": "mean"}},
+                                     **ENGINE_ARGS)
 
 
 @pytest.fixture(scope="package")

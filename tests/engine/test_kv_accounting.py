@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
-from tests.engine.conftest import DEFAULT_ENGINE_ARGS, ENGINE_ARGS, RULES, module_for_tests, token_prompts
+from tests.engine.conftest import ENGINE_ARGS, RULES, module_for_tests, token_prompts
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,7 @@ def test_preemption_and_aborts_happened(stress):
     assert everyone - set(stress["aborted"]) <= set(stress["finished"])
 
 
+@pytest.mark.engines("umim_llm", "default_umim_llm")  # reached through getfixturevalue: see tests/conftest.py
 def test_preempted_requests_rebuild_the_same_sequence(stress, request):
     """Greedy outputs of preempted, finished requests equal an engine run (same setup) that never preempts.
 

@@ -3,7 +3,6 @@
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
 from tests.conftest import make_ruleset

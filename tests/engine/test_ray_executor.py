@@ -31,7 +31,7 @@ def run_ray_engine(spec: dict, timeout: int = 600) -> dict:
         [sys.executable, str(ROOT / "tests" / "engine" / "ray_engine_run.py"), json.dumps(spec)],
         capture_output=True, text=True, cwd=ROOT, timeout=timeout,
     )
-    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in result.stdout.splitlines() if text.startswith("RESULT ")), None)
     assert line, (result.stdout[-2000:], result.stderr[-4000:])
     return json.loads(line[len("RESULT "):])
 

@@ -1,6 +1,5 @@
 """Scheduler-side compressed sequences (no engine): prompt compression and decode merging."""
 
-from types import SimpleNamespace
 
 from tests.conftest import make_ruleset
 from vllm_umim.engine.sequence import MergeState, compress_tokens, merge_newest

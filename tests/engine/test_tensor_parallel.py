@@ -89,7 +89,7 @@ def test_tp2_equals_reference(tiny_model_dir, tokenizer, tmp_path, backend):
         [sys.executable, str(tmp_path / "run.py"), str(tiny_model_dir), str(tmp_path / "rules.bin"), json.dumps(prompt), backend],
         capture_output=True, text=True, cwd=ROOT, timeout=900,
     )
-    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in result.stdout.splitlines() if text.startswith("RESULT ")), None)
     assert line, result.stderr[-3000:]
     engine = json.loads(line[len("RESULT "):])
     assert engine["stats"]["prefill_merges"] > 0 and engine["stats"]["decode_merges"] > 0

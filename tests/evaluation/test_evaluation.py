@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import make_ruleset, tiny_llama
+from tests.conftest import make_ruleset
 from vllm_umim.evaluation.alignment import align_rows, alignment_metrics, topp_overlaps
 from vllm_umim.evaluation.perplexity import base_token_nll, merged_embeddings, two_stage_token_nll
 from vllm_umim.evaluation.suite import evaluate_windows

@@ -5,7 +5,7 @@ import torch
 
 from tests.conftest import make_ruleset
 from vllm_umim.module import MergeModule, MergeModuleConfig
-from vllm_umim.reference import Element, ReferenceRuntime, merge_prompt
+from vllm_umim.reference import ReferenceRuntime, merge_prompt
 from vllm_umim.policies import GreedyLongestMatch
 from vllm_umim.reference.runtime import replay_merges
 

@@ -1,20 +1,13 @@
-"""A real ``vllm serve --umim-rules`` on 127.0.0.1 (one per session, ~40 s to start), plus the
-offline engines and held-out prompts of the engine tests, for comparing outputs."""
+"""A real ``vllm serve --umim-rules`` on 127.0.0.1 (one per session, ~40 s to start). The offline
+engines and held-out prompts the server tests compare with are the engine tests' own, from
+``tests/conftest.py`` (one of each per session)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.engine.conftest import (  # noqa: F401  (fixtures)
-    ENGINE_ARGS,
-    RULES,
-    heldout_prompts,
-    model_dir,
-    module_for_tests,
-    stock_llm,
-    tokenizer,
-    umim_llm,
-)
+from tests.conftest import until_last_use
+from tests.engine.conftest import ENGINE_ARGS, RULES, module_for_tests
 
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 
@@ -32,8 +25,9 @@ def server_args(**umim) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def umim_server(model_dir):  # noqa: F811
+def umim_server(request, model_dir):
+    """Stopped after the last test that uses it, before the servers of later tests start."""
     from vllm_umim.server.launch import VllmServer
 
-    with VllmServer(model_dir, server_args(rules=RULES, module=module_for_tests(), **{"max-window": MAX_WINDOW}), env=SERVER_ENV) as server:
-        yield server
+    server = VllmServer(model_dir, server_args(rules=RULES, module=module_for_tests(), **{"max-window": MAX_WINDOW}), env=SERVER_ENV)
+    yield from until_last_use(request, server.start(), server.stop)
