@@ -116,3 +116,14 @@ def test_negative_refined_rules_in_config_is_one_error(tmp_path):
     save_file(load_file(str(path)), str(path), metadata=metadata)
     with pytest.raises(ModuleFileError, match="refined_rules"):
         load_module(path)
+
+
+def test_a_module_shorter_than_the_longest_rule_is_one_error(tmp_path):
+    """A (refined) module whose max_span is below the rules' 4 used to fail at engine load with a raw
+    RuntimeError (span tokens [S, 4] against n-grams [K, 3]); it is refused when the file is read."""
+    path = tmp_path / "short.safetensors"
+    torch.manual_seed(0)
+    short = MergeModule(MergeModuleConfig(32, max_span=3)).refined(torch.tensor([[2, 3, -1], [7, 8, 9]]))
+    save_module(short, path, MODEL, "tok", "rules")
+    with pytest.raises(ModuleFileError, match="max_span is 3, but rules merge spans of up to 4 tokens"):
+        load_module(path)

