@@ -29,3 +29,6 @@ def cmd_bench(args) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(args.bench_args)
+
+
+register, run = add_bench_parser, cmd_bench  # the subcommand interface of vllm_umim.cli.main

@@ -30,14 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_umim.errors import UmimError
+from vllm_umim.errors import DataError
 
 CACHE_ENV = "VLLM_UMIM_CACHE"
 MARKER = "manifest.json"
-
-
-class DataError(UmimError):
-    """A data source is missing or malformed, or a built cache folder is unusable."""
 
 
 def cache_root() -> Path:
