@@ -104,3 +104,17 @@ def test_config_arguments_follow_the_dataclass():
 
 def test_umim_error_is_a_value_error():
     assert issubclass(UmimError, ValueError)  # vLLM's request and config validation treat it as bad input
+
+
+def test_a_missing_corpus_or_model_folder_is_one_line(tmp_path, capsys):
+    rules = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m" / "rules.bin"
+    assert main(["mine", "--model", str(tmp_path / "no-model"), "--corpus", str(tmp_path / "c.txt"), "-o", str(tmp_path / "r.bin")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vllm-umim: error: {tmp_path / 'no-model'}: cannot load a tokenizer") and err.count("\n") == 1
+    from vllm_umim.data.corpus import read_documents
+    from vllm_umim.errors import DataError
+
+    with pytest.raises(DataError, match="no such corpus file"):
+        read_documents(tmp_path / "c.txt")
+    assert main(["train", "--model", str(tmp_path / "no-model"), "--rules", str(rules), "--corpus", "c", "-o", "m"]) == 2
+    assert "cannot load a tokenizer" in capsys.readouterr().err

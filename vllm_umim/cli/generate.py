@@ -14,14 +14,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    from transformers import AutoTokenizer
-
-    from vllm_umim.data.model import bos_prefix
+    from vllm_umim.data.model import bos_prefix, load_tokenizer
     from vllm_umim.reference import bracketed
     from vllm_umim.reference.generate import generate
 
     config = config_from_args(GenerateConfig, args)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = load_tokenizer(config.model)
     prompt_ids = bos_prefix(tokenizer) + tokenizer(config.prompt, add_special_tokens=False)["input_ids"]
     result = generate(config, tokenizer, prompt_ids)
     print(bracketed(result.elements, tokenizer))

@@ -22,9 +22,9 @@ def run(args) -> None:
     rules = load_rules(args.rules)
     tokenizer = None
     if args.model:
-        from transformers import AutoTokenizer
+        from vllm_umim.data.model import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         rules.check_tokenizer(tokenizer)
     print(json.dumps({k: v for k, v in header.items() if k != "tables"}, indent=2))
     print(rules.summary())

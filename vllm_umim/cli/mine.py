@@ -23,12 +23,11 @@ def register(subparsers) -> None:
 def run(args) -> None:
     import time
 
-    from transformers import AutoTokenizer
-
     from vllm_umim.data.corpus import read_documents
+    from vllm_umim.data.model import load_tokenizer
     from vllm_umim.rules import save_rules
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     documents = read_documents(args.corpus)
     started = time.perf_counter()
     rules, report = mine_rules(documents, tokenizer, threshold=args.threshold, max_n=args.max_n,

@@ -42,11 +42,10 @@ def run(args) -> None:
     if args.corpus is not None:
         if args.model is None:
             raise SelectionError("--corpus needs --model (its tokenizer reads the corpus)")
-        from transformers import AutoTokenizer
-
+        from vllm_umim.data.model import load_tokenizer
         from vllm_umim.evaluation.token_reduction import tokenized_documents
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         rules.check_tokenizer(tokenizer)
         sequences = tokenized_documents(tokenizer, args.corpus, args.documents)
     if args.target_tr is not None:

@@ -71,14 +71,13 @@ def run_fidelity(config: FidelityConfig) -> dict:
     """Prompts, the fp32 UMIM engine (all variants), the bf16 line; table on stdout, JSON if asked."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    from transformers import AutoTokenizer
-
+    from vllm_umim.data.model import load_tokenizer
     from vllm_umim.evaluation.fidelity_prompts import build_prompts, default_kinds, prompts_digest
 
     variants, engine_options = config.variants, config.engine_options
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    tokenizer = load_tokenizer(config.model)
     kinds = list(config.kinds) if config.kinds else default_kinds(tokenizer)
     prompts = {kind: build_prompts(kind, tokenizer, config.limit) for kind in kinds}
     seconds["prompts"] = time.perf_counter() - clock
