@@ -32,7 +32,7 @@ def run_demo(num_prompts: int, max_tokens: int) -> None:
     from vllm.inputs import TokensPrompt
 
     from vllm_umim import merge_stats
-    from vllm_umim.reference.generate import eos_token_ids, load_reference
+    from vllm_umim.evaluation.generate import eos_token_ids, load_reference
     from vllm_umim.data.corpus import fetch_corpus, read_documents
     from vllm_umim.data.model import fetch_model
     from vllm_umim.reference import bracketed

@@ -4,7 +4,7 @@ runtime or a vLLM engine."""
 from __future__ import annotations
 
 from vllm_umim.cli.config_args import add_config_arguments, config_from_args
-from vllm_umim.reference.generate import GenerateConfig
+from vllm_umim.evaluation.generate import GenerateConfig
 
 
 def register(subparsers) -> None:
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 def run(args) -> None:
     from vllm_umim.data.model import bos_prefix, load_tokenizer
     from vllm_umim.reference import bracketed
-    from vllm_umim.reference.generate import generate
+    from vllm_umim.evaluation.generate import generate
 
     config = config_from_args(GenerateConfig, args)
     tokenizer = load_tokenizer(config.model)

@@ -16,8 +16,6 @@ PAPER_TABLE1 = {  # paper Table 1, Llama-3.2-1.5B (the brief's "Llama-3.2-1B"), 
     "model": "Llama-3.2-1.5B (paper Table 1)", "tr": 37.8, "top1": 74.10, "top3": 74.14, "top10": 75.28,
     "topp": 91.55, "mrr": 83.30,
 }
-
-
 QA_TASKS = ("piqa", "arc_easy", "arc_challenge", "copa", "openbookqa")
 
 

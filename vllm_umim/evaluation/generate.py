@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from vllm_umim.policies import GreedyLongestMatch
-from vllm_umim.reference.runtime import Generation, ReferenceRuntime, replay_merges
-from vllm_umim.rules import load_rules
+if TYPE_CHECKING:
+    from vllm_umim.reference.runtime import Generation, ReferenceRuntime
 
 ENGINES = ("reference", "vllm")
 
@@ -36,10 +34,13 @@ def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
 
 def load_reference(model_dir, rules_path, module_path, tokenizer, dynamic: bool) -> ReferenceRuntime:
     """The fp32 reference runtime for these files (module default: the one beside the rules)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from vllm_umim.engine.config import UmimConfig
     from vllm_umim.module import model_identity, resolve_module
+    from vllm_umim.reference.runtime import ReferenceRuntime
+    from vllm_umim.rules import load_rules
 
     rules = load_rules(rules_path)
     rules.check_tokenizer(tokenizer)
@@ -61,6 +62,9 @@ def engine_generate(config: GenerateConfig, tokenizer, prompt_ids: list[int]) ->
     from vllm.inputs import TokensPrompt
 
     from vllm_umim.engine.stats import merge_stats
+    from vllm_umim.policies import GreedyLongestMatch
+    from vllm_umim.reference.runtime import replay_merges
+    from vllm_umim.rules import load_rules
 
     options = {"rules": str(config.rules), "mode": "dynamic" if config.dynamic else "prompt"}
     if config.module:
