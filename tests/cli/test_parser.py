@@ -29,6 +29,10 @@ def test_every_subcommand_is_a_module_with_register_and_run():
                                  "teacher-cache", "eval", "fidelity", "score-rules", "select-rules", "bench"}
 
 
+def test_each_subcommand_runs_its_modules_run():
+    assert {p.get_default("func") for p in subparsers().values()} == {command.run for command in COMMANDS}
+
+
 def test_no_help_text_cites_an_issue():
     parser = build_parser()
     texts = [parser.description or ""]

@@ -17,7 +17,6 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="shipped SmolLM2 rules + module: vLLM engine vs reference")
     p.add_argument("--prompts", type=int, default=3, help="held-out Wikipedia openings to continue")
     p.add_argument("--max-tokens", type=int, default=40, help="tokens to generate per prompt")
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -16,7 +16,6 @@ from vllm_umim.evaluation.eval_run import EvalConfig
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="alignment metrics, token reduction, two-stage PPL and QA of a merge module")
     add_config_arguments(p, EvalConfig)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

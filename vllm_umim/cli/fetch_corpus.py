@@ -12,7 +12,6 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("fetch-corpus", help="write the offline corpus as train.txt / heldout.txt")
     p.add_argument("name", nargs="?", default=default_of(fetch_corpus, "name"), help="corpus name (default: %(default)s)")
     p.add_argument("--out", type=Path, help="folder to write (default: under the vllm_umim cache)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -13,7 +13,6 @@ def register(subparsers) -> None:
     p.add_argument("name", nargs="?", default=default_of(fetch_model, "name"),
                    help="smollm2-135m (Llama, instruct; default) or gemma3-270m (Gemma 3, base model)")
     p.add_argument("--out", type=Path, help="folder to write (default: under the vllm_umim cache)")
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -21,7 +21,6 @@ def register(subparsers) -> None:
                         + " ".join(DEFAULT_VARIANTS) + "); a value that is not JSON is taken as a string")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                    help='merged into additional_config["umim"] of the fp32 engine (repeatable)')
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -10,7 +10,6 @@ from vllm_umim.evaluation.generate import GenerateConfig
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate with merging, merged spans [bracketed]")
     add_config_arguments(p, GenerateConfig)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

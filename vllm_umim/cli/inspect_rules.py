@@ -11,7 +11,6 @@ def register(subparsers) -> None:
     p.add_argument("rules", type=Path)
     p.add_argument("--model", help="decode examples with this model's tokenizer (and check it matches)")
     p.add_argument("--examples", type=int, default=5, help="most frequent n-grams shown per length")
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

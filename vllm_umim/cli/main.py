@@ -1,7 +1,7 @@
 """``vllm-umim``: fetch the offline model and corpus, mine rules, inspect them, train, evaluate, generate.
 
-One module per subcommand, each with ``register(subparsers)`` (its flags) and ``run(args)``; this
-file only builds the top parser from them and turns a :class:`~vllm_umim.errors.UmimError` into one
+One module per subcommand, each with ``register(subparsers)`` (adds its parser and flags) and
+``run(args)`` (runs it); this file only builds the top parser from them and turns a :class:`~vllm_umim.errors.UmimError` into one
 line on stderr (exit status 2). Commands that start a vLLM engine or load a model keep those
 imports inside ``run``, so ``vllm-umim inspect`` stays fast.
 """
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-umim", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
+        known = set(sub.choices)
         command.register(sub)
+        for name in sub.choices.keys() - known:
+            sub.choices[name].set_defaults(func=command.run)
     return parser
 
 

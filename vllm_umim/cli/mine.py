@@ -17,7 +17,6 @@ def register(subparsers) -> None:
     p.add_argument("--max-n", type=int, default=default_of(mine_rules, "max_n"), help="longest rule, 2..4 (default: %(default)s)")
     p.add_argument("--no-filter", action="store_true", help="skip the hierarchical overlap filtering")
     p.add_argument("-o", "--output", required=True, type=Path)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -32,7 +32,6 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, type=Path)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -29,7 +29,6 @@ def register(subparsers) -> None:
     p.add_argument("--min-count", type=int, default=default_of(select_by_harm, "min_count"),
                    help="treat rules scored on fewer merges as unscored (a single occurrence's harm is noisy)")
     p.add_argument("-o", "--output", required=True, type=Path)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

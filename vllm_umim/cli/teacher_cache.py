@@ -16,7 +16,6 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", required=True, type=Path, help="teacher cache folder (val/ and train/ go inside)")
     p.add_argument("--max-tokens", required=True, type=int, help="raw training tokens to cache")
     add_config_arguments(p, TeacherRay)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -16,7 +16,6 @@ def register(subparsers) -> None:
     add_config_arguments(p, TeacherCacheJob, skip=("seed", "progress"))  # TrainConfig's seed and progress serve both
     for config in (TrainJob, TrainConfig, TeacherRay):
         add_config_arguments(p, config)
-    p.set_defaults(func=run)
 
 
 def job_from_args(args) -> TrainJob:

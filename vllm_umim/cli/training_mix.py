@@ -20,7 +20,6 @@ def register(subparsers) -> None:
                    help="records: article opening + the model's continuation")
     p.add_argument("--wiki", type=int, default=default_of(build_training_mix, "wiki"), help="train Wikipedia articles as they are")
     add_config_arguments(p, Sampling)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:
