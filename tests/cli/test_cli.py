@@ -96,3 +96,19 @@ def test_score_and_select_rules(model_dir, tmp_path):
     assert out_of_reach.returncode == 2 and "out of reach" in out_of_reach.stderr
     refused = vllm_umim("select-rules", "--rules", RULES, "--max-harm", 1, "-o", tmp_path / "x.bin", check=False)
     assert refused.returncode == 2 and "no harm scores" in refused.stderr
+
+
+def test_teacher_cache_then_train_refuses_a_stale_cache_in_one_line(model_dir, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The United States of America is a country in North America. New York City is a city.\n" * 40)
+    common = ["--model", model_dir, "--rules", RULES, "--corpus", corpus, "--seq-len", 32, "--val-windows", 0, "--threads", 1,
+              "--no-progress"]
+    cache = tmp_path / "teacher"
+    built = vllm_umim("teacher-cache", *common, "--k", 8, "--max-tokens", 128, "--cache-dir", cache)
+    assert f"wrote {cache}" in built.stdout and (cache / "train" / "shard-00000.safetensors").is_file()
+    # the same cache with another top-k: one line naming the cache and the setting, no traceback
+    stale = vllm_umim("train", *common, "--k", 4, "--max-tokens", 128, "--cache-dir", cache, "-o", tmp_path / "m.safetensors",
+                      check=False)
+    assert stale.returncode == 2 and "Traceback" not in stale.stderr, stale.stderr[-2000:]
+    assert stale.stderr.strip().splitlines()[-1] == (
+        f"vllm-umim: error: teacher cache {cache / 'train'} was built with k=8, not 4; remove it or use another cache directory")

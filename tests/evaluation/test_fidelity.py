@@ -9,7 +9,8 @@ from functools import lru_cache
 import pytest
 
 from vllm_umim.evaluation.fidelity import Continuation, compare, equal_share, first_divergence, shared_context_kl, topk_kl
-from vllm_umim.evaluation.fidelity_cli import FidelityArgumentError, parse_assignment
+from vllm_umim.errors import FidelityArgumentError
+from vllm_umim.evaluation.fidelity_run import parse_assignment
 from vllm_umim.evaluation.fidelity_prompts import KINDS, PromptKindError, build_prompts, prompts_digest
 
 
@@ -116,7 +117,7 @@ def test_unknown_kind_is_a_clear_error():
 
 
 def test_cached_bf16_line_is_reused_only_for_the_same_model_length_and_prompts(tmp_path):
-    from vllm_umim.evaluation.fidelity_cli import _cached_bf16_line
+    from vllm_umim.evaluation.fidelity_run import _cached_bf16_line
 
     run = {"model": "m", "max_tokens": 32, "prompts": {"wiki": {"digest": "abc"}}}
     earlier = tmp_path / "earlier.json"

@@ -1,4 +1,4 @@
-"""Teacher caching over Ray (``build_cache(..., ray_workers=N)``) on a local Ray instance: the same
+"""Teacher caching over Ray (``build_cache(..., ray=TeacherRay(teacher_workers=N))``) on a local Ray instance: the same
 shard files as the local path, and resuming skips the shards already written."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from tests.conftest import make_ruleset, tiny_llama
 from tests.training.test_training import RULES, windows
-from vllm_umim.training.teacher_cache import TeacherCache, build_cache
+from vllm_umim.training.teacher_cache import TeacherCache, TeacherRay, build_cache
 
 ray = pytest.importorskip("ray")
 SHARD_WINDOWS, NUM_WINDOWS = 10, 34  # 4 shards, the last one short
@@ -44,7 +44,7 @@ def test_ray_shards_equal_local_shards_and_resume(local_ray, tmp_path, capsys):
     options = dict(k=8, batch_size=4, shard_windows=SHARD_WINDOWS, manifest={"model": "tiny"})
     build_cache(model, rules, data, tmp_path / "local", progress=False, **options)
     capsys.readouterr()
-    build_cache(model, rules, data, tmp_path / "ray", progress=True, ray_workers=2, **options)
+    build_cache(model, rules, data, tmp_path / "ray", progress=True, ray=TeacherRay(teacher_workers=2), **options)
     assert shards_written(capsys.readouterr().out) == [0, 1, 2, 3]
 
     local_files = sorted(p.name for p in (tmp_path / "local").iterdir())
@@ -68,11 +68,11 @@ def test_ray_shards_equal_local_shards_and_resume(local_ray, tmp_path, capsys):
     kept = {i: os.stat(tmp_path / "ray" / f"shard-{i:05d}.safetensors").st_mtime_ns for i in (0, 2)}
     for i in (1, 3):
         (tmp_path / "ray" / f"shard-{i:05d}.safetensors").unlink()
-    build_cache(model, rules, data, tmp_path / "ray", progress=True, ray_workers=2, **options)
+    build_cache(model, rules, data, tmp_path / "ray", progress=True, ray=TeacherRay(teacher_workers=2), **options)
     assert shards_written(capsys.readouterr().out) == [1, 3]
     assert {i: os.stat(tmp_path / "ray" / f"shard-{i:05d}.safetensors").st_mtime_ns for i in (0, 2)} == kept
     for i in (1, 3):
         name = f"shard-{i:05d}.safetensors"
         assert torch.allclose(read_shard(tmp_path / "local" / name)[0]["topk_logits"], read_shard(tmp_path / "ray" / name)[0]["topk_logits"], atol=1e-5)
-    build_cache(model, rules, data, tmp_path / "ray", progress=True, ray_workers=2, **options)  # complete: nothing to do
+    build_cache(model, rules, data, tmp_path / "ray", progress=True, ray=TeacherRay(teacher_workers=2), **options)  # complete: nothing to do
     assert shards_written(capsys.readouterr().out) == []

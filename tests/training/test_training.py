@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import make_ruleset, tiny_llama
+from vllm_umim.errors import OptionError, TeacherCacheError
 from vllm_umim.module.batches import AlignmentError, check_alignment, collate, segment, student_embeddings
 from vllm_umim.training.loss import distillation_loss, student_logits
 from vllm_umim.training.teacher_cache import TeacherCache, build_cache, teacher_topk
@@ -103,7 +104,7 @@ def test_distillation_loss_values():
     vals2, ids2 = t_full.topk(2)
     exact = distillation_loss(t_full, vals2, ids2, t_full.logsumexp(-1), "bucket")
     assert exact < distillation_loss(logits, vals2, ids2, t_full.logsumexp(-1), "bucket")
-    with pytest.raises(ValueError):
+    with pytest.raises(AlignmentError, match="misaligned"):
         distillation_loss(logits, torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
 
 
@@ -147,8 +148,10 @@ def test_teacher_cache_rows_and_resume(tmp_path):
     build_cache(model, rules, windows(24, seed=1), tmp_path / "cache" / "train", k=8, batch_size=4, shard_windows=10, progress=False)
     assert len(TeacherCache(tmp_path / "cache" / "train", require_complete=True)) == 24
     assert sorted((tmp_path / "cache" / "train").glob("shard-*.safetensors"))[0].stat().st_mtime_ns == first_mtime
-    with pytest.raises(ValueError):
+    with pytest.raises(TeacherCacheError, match="holds different windows"):
         build_cache(model, rules, windows(24, seed=5), tmp_path / "cache" / "train", k=8, shard_windows=10, progress=False)
+    with pytest.raises(TeacherCacheError, match="was built with k=8, not 4"):
+        build_cache(model, rules, windows(24, seed=1), tmp_path / "cache" / "train", k=4, shard_windows=10, progress=False)
 
 
 def _trainer(tmp_path, model, rules, **kw):
@@ -226,7 +229,7 @@ def test_bf16_autocast_step_runs_and_stays_close(tmp_path):
     trainer = _trainer(tmp_path, model, rules, precision="bf16", max_tokens=16 * 4 * 2, eval_every=0, checkpoint_every=0)
     trainer.fit()
     assert trainer.step == 2 and all(p.dtype == torch.float32 for p in trainer.module.parameters())
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(OptionError, match="precision"):
         _trainer(tmp_path, model, rules, precision="fp16")
 
 
@@ -243,6 +246,7 @@ import os, sys, json, torch
 sys.path.insert(0, os.environ["REPO"])
 torch.set_num_threads(1)
 from tests.conftest import make_ruleset, tiny_llama
+from vllm_umim.errors import OptionError, TeacherCacheError
 from tests.training.test_training import RULES
 from vllm_umim.training.teacher_cache import TeacherCache
 from vllm_umim.training.trainer import TrainConfig, Trainer

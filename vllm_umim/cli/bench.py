@@ -20,7 +20,3 @@ def run(args) -> None:
     from vllm_umim.bench.harness import main
 
     main(args.bench_args)
-
-
-add_bench_parser = register  # the name cli/main.py wires today
-cmd_bench = run

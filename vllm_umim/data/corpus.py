@@ -57,6 +57,8 @@ def read_documents(path: str | Path) -> list[str]:
     A ``.jsonl`` file holds one JSON object per line with a string ``"text"``; a line that is not
     one raises :class:`DataError` naming the file and line. Any other file is plain text.
     """
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such corpus file (one document per line, or .jsonl records with a 'text')")
     with open(path, encoding="utf-8", newline="\n") as f:
         lines = [(number, line) for number, line in enumerate((raw.rstrip("\n") for raw in f), start=1) if line]
     if Path(path).suffix == ".jsonl":

@@ -193,6 +193,17 @@ def load_gguf(path: Path):
     return model.eval(), tokenizer
 
 
+def load_tokenizer(folder: str | Path):
+    """The tokenizer of a model folder, or one DataError naming the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{folder}: cannot load a tokenizer from this model folder ({reason})") from None
+
+
 def load_folder(folder: str | Path):
     """(model, tokenizer) from an HF folder, fp32, eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -38,7 +38,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_umim.data.cache import DataError
@@ -63,10 +63,10 @@ EXTRA_INSTRUCTIONS = (  # beside the fidelity suite's three (summary, title, key
 class Sampling:
     """How the model's own text is sampled (recorded in the manifest)."""
 
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
+    max_new_tokens: int = field(default=128, metadata={"help": "longest generated answer or continuation"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the model's own text"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling of the model's own text"})
+    seed: int = field(default=0, metadata={"help": "article choice, record order and sampling"})
 
 
 # token prompts -> generated token ids, one list per prompt, in order

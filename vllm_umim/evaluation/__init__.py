@@ -2,7 +2,7 @@
 
 ``alignment`` (Top-1, Top-k, Top-p overlap, MRR) · ``perplexity`` (pseudocode 5 two-stage PPL) ·
 ``qa`` (App. F.2 multiple choice) · ``token_reduction`` (TR) · ``suite`` (one pass over held-out
-windows for several modules) · ``cli`` (``vllm-umim eval``) · ``fidelity``, ``fidelity_prompts``,
-``fidelity_cli`` (``vllm-umim fidelity``: greedy continuations through the vLLM engine, merged vs
-unmerged, beside stock bf16 vs fp32; issue 13).
+windows for several modules) · ``eval_run`` (``vllm-umim eval``) · ``fidelity``, ``fidelity_prompts``,
+``fidelity_run`` (``vllm-umim fidelity``: greedy continuations through the vLLM engine, merged vs
+unmerged, beside stock bf16 vs fp32) · ``rule_harm`` (``vllm-umim score-rules``).
 """

@@ -13,7 +13,7 @@ of the same engine and prompt:
   tokens), for the prompt alone and for prompt + output, and the decode merges (pseudocode 4).
 
 The same comparison of a stock bf16 engine with the fp32 unmerged continuations gives the line of
-"the perturbation users already accept" (``vllm_umim.evaluation.fidelity_cli``).
+"the perturbation users already accept" (``vllm_umim.evaluation.fidelity_run``).
 """
 
 from __future__ import annotations

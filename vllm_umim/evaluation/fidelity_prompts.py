@@ -28,15 +28,11 @@ from itertools import islice
 
 from vllm_umim.data.instructions import INSTRUCTION_WORDS, INSTRUCTIONS, has_chat_template
 from vllm_umim.data.model import bos_prefix
-from vllm_umim.errors import UmimError
+from vllm_umim.errors import PromptKindError
 
 KINDS = ("wiki", "chat", "gsm8k")
 DEFAULT_PROMPTS_PER_KIND = 100
 WIKI_PROMPT_TOKENS = 96
-
-
-class PromptKindError(UmimError):
-    """An unknown prompt kind was asked for."""
 
 
 @dataclass(frozen=True)

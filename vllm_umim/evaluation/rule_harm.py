@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vllm_umim.errors import OptionError
 from vllm_umim.module.batches import check_alignment, collate, segment, student_embeddings
 from vllm_umim.policies import Segmentation
 from vllm_umim.rules import RuleSet
@@ -103,7 +104,7 @@ def score_rules(model, module, rules: RuleSet, windows: list[list[int]], horizon
                 progress: bool = True, meta: dict | None = None) -> tuple[RuleSet, HarmTotals]:
     """``rules`` with harm scores from ``windows`` attached (rule ids unchanged), and the totals."""
     if horizon < 0:
-        raise ValueError(f"horizon must be >= 0, got {horizon}")
+        raise OptionError(f"horizon must be >= 0, got {horizon}")
     model.eval()
     totals = HarmTotals.empty(len(rules))
     started = time.perf_counter()

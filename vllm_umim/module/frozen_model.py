@@ -19,9 +19,11 @@ class FrozenModel:
 
 def load_frozen_model(model_path, rules_path) -> FrozenModel:
     """Tokenizer, rules (one MismatchError if they were mined with another tokenizer) and the model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    from vllm_umim.data.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
     rules = load_rules(rules_path)
     rules.check_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()

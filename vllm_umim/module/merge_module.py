@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from vllm_umim.errors import OptionError
 from vllm_umim.module.refinement import RuleRefinement
 
 VARIANTS = ("paper", "token_processor")
@@ -42,9 +43,9 @@ class MergeModuleConfig:
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"unknown merge module variant {self.variant!r}; expected one of {VARIANTS}")
+            raise OptionError(f"unknown merge module variant {self.variant!r}; expected one of {VARIANTS}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise OptionError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +85,7 @@ class MergeModule(nn.Module):
         if self.refinement is None:
             return surrogates
         if span_tokens is None:
-            raise ValueError("this merge module has a per-rule refinement: pass the spans' tokens (span_tokens)")
+            raise OptionError("this merge module has a per-rule refinement: pass the spans' tokens (span_tokens)")
         return self.refinement(surrogates, self.refinement.lookup(span_tokens))
 
     def pool(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor) -> torch.Tensor:

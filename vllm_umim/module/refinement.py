@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vllm_umim.errors import ModuleFileError
+
 LOOKUP_CHUNK = 2048  # spans compared against the K n-grams at once (bounds the [S, K, L] mask)
 
 
@@ -57,13 +59,13 @@ class RuleRefinement(nn.Module):
         lengths = (ngrams >= 0).sum(-1)
         prefix = torch.arange(ngrams.shape[1])[None] < lengths[:, None]
         if not bool(((ngrams >= 0) == prefix).all()):
-            raise ValueError("refinement n-grams must be token ids followed by -1 padding")
+            raise ModuleFileError("refinement n-grams must be token ids followed by -1 padding")
         if bool((lengths < 2).any()):
-            raise ValueError("refinement n-grams must hold 2 or more tokens")
+            raise ModuleFileError("refinement n-grams must hold 2 or more tokens")
         if vocab_size is not None and bool((ngrams >= vocab_size).any()):
-            raise ValueError(f"refinement n-grams hold token ids >= the vocabulary size {vocab_size}")
+            raise ModuleFileError(f"refinement n-grams hold token ids >= the vocabulary size {vocab_size}")
         if len(torch.unique(ngrams, dim=0)) != len(ngrams):
-            raise ValueError("refinement n-grams are not unique")
+            raise ModuleFileError("refinement n-grams are not unique")
 
 
 def most_frequent_spans(span_token_rows, k: int, max_span: int) -> torch.Tensor:

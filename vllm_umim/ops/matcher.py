@@ -15,6 +15,8 @@ import torch
 
 import vllm_umim._C  # noqa: F401  (registers torch.ops.umim.*)
 
+from vllm_umim.errors import OptionError
+
 MAX_N = 4  # longest rule: the paper merges 2-, 3- and 4-grams
 SINGLE = -1  # find_spans: the position stays a single token
 COVERED = -2  # find_spans: the position is inside a span that starts earlier
@@ -26,7 +28,7 @@ def pack_rules(rules: Sequence[Sequence[int]]) -> torch.Tensor:
     packed = torch.full((len(rules), MAX_N), -1, dtype=torch.int32)
     for r, rule in enumerate(rules):
         if not 2 <= len(rule) <= MAX_N:
-            raise ValueError(f"rule {r} has {len(rule)} tokens; rules have 2..{MAX_N}")
+            raise OptionError(f"rule {r} has {len(rule)} tokens; rules have 2..{MAX_N}")
         packed[r, : len(rule)] = torch.tensor(rule, dtype=torch.int32)
     return packed
 
@@ -57,7 +59,7 @@ def find_spans(
     _check_tensor("tokens", tokens, torch.int64, (None,), rules.device)
     _check_tensor("cu_seqlens", cu_seqlens, torch.int64, (None,), rules.device)
     if cu_seqlens.numel() == 0:
-        raise ValueError("cu_seqlens must have B + 1 >= 1 entries")
+        raise OptionError("cu_seqlens must have B + 1 >= 1 entries")
     return torch.ops.umim.find_spans(tokens, cu_seqlens, rules, index, max_n)
 
 
@@ -83,14 +85,14 @@ def match_suffix(
 
 def _check_tensor(name, t, dtype, shape, device=None) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise OptionError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        raise OptionError(f"{name} must be {dtype}, got {t.dtype}")
     if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
         want = ", ".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name} must have shape [{want}], got {list(t.shape)}")
+        raise OptionError(f"{name} must have shape [{want}], got {list(t.shape)}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but rules are on {device}")
+        raise OptionError(f"{name} is on {t.device} but rules are on {device}")
 
 
 def _check_rule_table(rules: torch.Tensor, index: torch.Tensor, max_n: int) -> None:
@@ -98,9 +100,9 @@ def _check_rule_table(rules: torch.Tensor, index: torch.Tensor, max_n: int) -> N
     _check_tensor("index", index, torch.int32, (None,), rules.device)
     cap = index.shape[0]
     if cap < 16 or cap & (cap - 1) or cap < 2 * rules.shape[0]:
-        raise ValueError(f"index (capacity {cap}) was not built by build_rule_index(rules)")
+        raise OptionError(f"index (capacity {cap}) was not built by build_rule_index(rules)")
     if not 2 <= max_n <= MAX_N:
-        raise ValueError(f"max_n must be in [2, {MAX_N}], got {max_n}")
+        raise OptionError(f"max_n must be in [2, {MAX_N}], got {max_n}")
 
 
 # ---------------------------------------------------------------- references (paper pseudocode)

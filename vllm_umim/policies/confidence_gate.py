@@ -12,6 +12,7 @@ at decode. Prompt merging is the inner policy's, unchanged (rule selection by ha
 
 from __future__ import annotations
 
+from vllm_umim.errors import OptionError
 from vllm_umim.policies.base import NO_MERGE, MergePolicy, PolicyWrapper
 
 
@@ -19,7 +20,7 @@ class ConfidenceGate(PolicyWrapper):
     def __init__(self, inner: MergePolicy, min_confidence: float):
         super().__init__(inner)
         if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+            raise OptionError(f"min_confidence must be in [0, 1], got {min_confidence}")
         self.min_confidence = min_confidence
 
     @property

@@ -12,6 +12,7 @@ W = 0 is the inner policy unchanged.
 
 from __future__ import annotations
 
+from vllm_umim.errors import OptionError
 from vllm_umim.ops.matcher import SINGLE
 from vllm_umim.policies.base import MergePolicy, PolicyWrapper, Segmentation
 
@@ -20,7 +21,7 @@ class RawRecentWindow(PolicyWrapper):
     def __init__(self, inner: MergePolicy, window: int):
         super().__init__(inner)
         if window < 0:
-            raise ValueError(f"window must be >= 0, got {window}")
+            raise OptionError(f"window must be >= 0, got {window}")
         self._window = window
 
     @property

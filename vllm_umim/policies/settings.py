@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vllm_umim.errors import OptionError
 from vllm_umim.policies.base import MergePolicy
 from vllm_umim.policies.confidence_gate import ConfidenceGate
 from vllm_umim.policies.greedy_longest import GreedyLongestMatch
@@ -33,12 +34,12 @@ class MergeSettings:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise OptionError(f"mode must be one of {MODES}, got {self.mode!r}")
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"window must be an integer >= 0, got {self.window!r}")
+            raise OptionError(f"window must be an integer >= 0, got {self.window!r}")
         c = self.min_confidence
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1.0:
-            raise ValueError(f"min_confidence must be a number in [0, 1], got {c!r}")
+            raise OptionError(f"min_confidence must be a number in [0, 1], got {c!r}")
 
     @property
     def dynamic(self) -> bool:
@@ -52,7 +53,7 @@ class MergeSettings:
         """These settings with ``options`` (a subset of FIELDS) overriding them."""
         unknown = set(options) - set(self.FIELDS)
         if unknown:
-            raise ValueError(f"unknown merge option(s) {sorted(unknown)}; expected {', '.join(self.FIELDS)}")
+            raise OptionError(f"unknown merge option(s) {sorted(unknown)}; expected {', '.join(self.FIELDS)}")
         merged = {**self.as_options(), **options}
         if isinstance(merged["min_confidence"], int) and not isinstance(merged["min_confidence"], bool):
             merged["min_confidence"] = float(merged["min_confidence"])

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
+from vllm_umim.errors import OptionError
 from vllm_umim.rules.ruleset import RuleSet, tokenizer_fingerprint
 
 SEPARATOR = -1  # placed between documents so no n-gram spans two of them
@@ -84,9 +85,9 @@ def mine_rules(
 ) -> tuple[RuleSet, MiningReport]:
     """Mine the merging set R of §3.1 from ``documents`` with ``tokenizer``."""
     if not 2 <= max_n <= 4:
-        raise ValueError(f"max_n must be in 2..4 (paper App. A), got {max_n}")
+        raise OptionError(f"max_n must be in 2..4 (paper App. A), got {max_n}")
     if threshold < 1:
-        raise ValueError(f"threshold must be >= 1, got {threshold}")
+        raise OptionError(f"threshold must be >= 1, got {threshold}")
     report = MiningReport(num_documents=len(documents))
     started = time.perf_counter()
     stream = tokenize_documents(documents, tokenizer, progress=progress)

@@ -19,7 +19,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from vllm_umim.errors import MismatchError
+from vllm_umim.errors import MismatchError, OptionError
 
 MAX_SPAN = 4  # the paper caps n at 4 (App. A, "Reasons for 2- to 4-grams")
 
@@ -143,10 +143,10 @@ class RuleSet:
         harm = np.asarray(harm, np.float32)
         counts = np.asarray(counts, np.uint32)
         if harm.shape != (len(self),):
-            raise ValueError(f"expected {len(self)} harm scores (one per rule), got shape {harm.shape}")
+            raise OptionError(f"expected {len(self)} harm scores (one per rule), got shape {harm.shape}")
         problem = harm_problem(harm, counts)
         if problem:
-            raise ValueError(f"illegal harm scores: {problem}")
+            raise OptionError(f"illegal harm scores: {problem}")
         bounds = np.cumsum([0] + [self.count(n) for n in self.lengths])
         by_n = {n: slice(bounds[i], bounds[i + 1]) for i, n in enumerate(self.lengths)}
         return replace(
@@ -161,7 +161,7 @@ class RuleSet:
         their counts and scores. Its rule ids are renumbered (dense again, same order)."""
         keep = np.asarray(keep, bool)
         if keep.shape != (len(self),):
-            raise ValueError(f"expected a keep mask of {len(self)} rules, got shape {keep.shape}")
+            raise OptionError(f"expected a keep mask of {len(self)} rules, got shape {keep.shape}")
         bounds = np.cumsum([0] + [self.count(n) for n in self.lengths])
         masks = {n: keep[bounds[i] : bounds[i + 1]] for i, n in enumerate(self.lengths)}
         kept = [n for n in self.lengths if masks[n].any()]

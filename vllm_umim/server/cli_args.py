@@ -8,8 +8,6 @@ start-up with one line instead of a traceback from inside engine start-up.
 
 from __future__ import annotations
 
-import argparse
-
 from vllm_umim.engine.config import CONFIG_KEY, DEFAULT_TABLE_BUDGET_MIB, UmimConfig
 from vllm_umim.policies.settings import MODES
 from vllm_umim.errors import UmimError
@@ -49,7 +47,7 @@ def add_umim_arguments(parser) -> None:
     )
 
 
-def umim_options(args: argparse.Namespace) -> dict | None:
+def umim_options(args) -> dict | None:
     """The ``--umim-*`` values as ``additional_config["umim"]`` options, or None when UMIM is off."""
     values = {key: getattr(args, flag, None) for flag, key in FLAGS.items()}
     if values["rules"] is None:
@@ -59,7 +57,7 @@ def umim_options(args: argparse.Namespace) -> dict | None:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def apply_umim_options(engine_args, args: argparse.Namespace) -> bool:
+def apply_umim_options(engine_args, args) -> bool:
     """Carry the flags into ``engine_args.additional_config`` and check the files now; True if
     UMIM is on.
 

@@ -17,13 +17,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vllm_umim.errors import CheckpointError
 from vllm_umim.files import save_safetensors
 
 METADATA_KEY = "umim_checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A resume checkpoint that cannot be read (truncated, not one of ours, or inconsistent)."""
 
 
 def save_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -27,7 +27,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_umim.errors import AlignmentError, OptionError
 from vllm_umim.module.batches import Batch, check_alignment, student_embeddings
+
+TARGETS = ("renorm", "bucket")
 
 
 def student_logits(model, module, batch: Batch) -> torch.Tensor:
@@ -57,7 +60,7 @@ def distillation_loss(
     (needed for ``target="bucket"``).
     """
     if logits.shape[0] != topk_logits.shape[0]:
-        raise ValueError(f"{logits.shape[0]} student rows vs {topk_logits.shape[0]} teacher rows: misaligned")
+        raise AlignmentError(f"{logits.shape[0]} student rows vs {topk_logits.shape[0]} teacher rows: misaligned")
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -67,14 +70,14 @@ def distillation_loss(
         return -(q * logp_k).sum(-1).mean()
     if target == "bucket":
         if lse is None:
-            raise ValueError("target='bucket' needs the teacher logsumexp")
+            raise OptionError("target='bucket' needs the teacher logsumexp")
         p = (topk_logits.float() - lse[:, None].float()).exp()
         tail_p = (1.0 - p.sum(-1)).clamp(min=0.0)
         tail_p = torch.where(tail_p > 1e-6, tail_p, torch.zeros_like(tail_p))  # rounding noise when k = V
         masked = logp.scatter(1, topk_ids.long(), float("-inf"))
         tail_logq = torch.logsumexp(masked, dim=-1).clamp(min=-1e4)  # -inf when k = V
         return -((p * logp_k).sum(-1) + tail_p * tail_logq).mean()
-    raise ValueError(f"unknown distillation target {target!r}; expected 'renorm' or 'bucket'")
+    raise OptionError(f"unknown distillation target {target!r}; expected one of {TARGETS}")
 
 
 def batch_loss(model, module, batch: Batch, teacher_rows, target: str = "renorm") -> torch.Tensor:

@@ -4,7 +4,7 @@ Caching the teacher is the expensive part of training and embarrassingly paralle
 windows is independent. ``compute_shards_on_ray`` starts ``workers`` Ray actors (one CPU each),
 sends each the frozen model and rules once through Ray's object store (no shared filesystem and no
 model download on the worker nodes; they need this package and its dependencies installed), and
-hands out the missing shards. Each actor runs ``teacher_cache.compute_shard``, the function the
+hands out the missing shards. Each actor runs ``teacher_shards.compute_shard``, the function the
 local path runs, and returns the shard's tensors; ``build_cache`` writes them under the same names
 with the same content as the local path (up to float reduction order), so an interrupted run
 resumes with either path. The student's training stays torch DDP (``torchrun``).
@@ -18,7 +18,7 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from vllm_umim.training.teacher_cache import compute_shard
+from vllm_umim.training.teacher_shards import compute_shard
 
 
 @ray.remote(num_cpus=1)

@@ -21,53 +21,36 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from vllm_umim.errors import TeacherCacheError
 from vllm_umim.files import save_safetensors
+from vllm_umim.training.teacher_shards import compute_shard, teacher_topk
 
-from vllm_umim.module.batches import collate, segment
-
+__all__ = ["FORMAT", "TeacherCache", "TeacherRay", "build_cache", "compute_shard", "shard_path", "teacher_topk"]
 FORMAT = "umim-teacher-cache/1"
 
 
-def teacher_topk(model, batch, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k logits/ids and logsumexp of the teacher at ``batch.teacher_mask`` rows (row-major)."""
-    with torch.no_grad():
-        hidden = model.model(input_ids=batch.raw_ids).last_hidden_state
-        rows = hidden[batch.teacher_mask]
-        logits = model.lm_head(rows).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        values, ids = torch.topk(logits, k, dim=-1)
-    return values, ids.to(torch.int32), lse
+@dataclass
+class TeacherRay:
+    """Where the missing shards are computed: in this process (``teacher_workers=0``) or by that
+    many Ray actors (``vllm_umim.training.ray_teacher``)."""
+
+    teacher_workers: int = field(default=0, metadata={
+        "metavar": "N", "help": "compute the teacher cache's missing shards with N Ray actors (one CPU each; 0: in this "
+                                "process). Same shard files either way; an interrupted cache resumes with either"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "Ray cluster for --teacher-workers (default: RAY_ADDRESS or the `ray start` cluster on this node, "
+                "else a new local instance)"})
+    teacher_threads: int = field(default=1, metadata={"help": "torch threads per Ray teacher actor"})
 
 
 def shard_path(cache_dir: Path, shard: int) -> Path:
     return Path(cache_dir) / f"shard-{shard:05d}.safetensors"
-
-
-def compute_shard(model, rules, windows: list[list[int]], k: int, batch_size: int) -> tuple[dict, int]:
-    """One shard's tensors (``row_offsets``, ``topk_ids``, ``topk_logits``, ``lse``) for these
-    windows, and the raw tokens they hold. The same function serves the local and the Ray path."""
-    offsets, all_ids, all_vals, all_lse, raw_tokens = [0], [], [], [], 0
-    for b in range(0, len(windows), batch_size):
-        batch = collate(segment(windows[b : b + batch_size], rules))
-        vals, ids, lse = teacher_topk(model, batch, k)
-        for c in batch.teacher_mask.sum(1).tolist():
-            offsets.append(offsets[-1] + c)
-        all_ids.append(ids)
-        all_vals.append(vals)
-        all_lse.append(lse)
-        raw_tokens += batch.num_raw_tokens
-    tensors = {
-        "row_offsets": torch.tensor(offsets, dtype=torch.int64),
-        "topk_ids": torch.cat(all_ids).contiguous(),
-        "topk_logits": torch.cat(all_vals).contiguous(),
-        "lse": torch.cat(all_lse).contiguous(),
-    }
-    return tensors, raw_tokens
 
 
 def build_cache(
@@ -80,15 +63,13 @@ def build_cache(
     shard_windows: int = 256,
     manifest: dict | None = None,
     progress: bool = True,
-    ray_workers: int = 0,
-    ray_address: str | None = None,
-    ray_threads: int = 1,
+    ray: TeacherRay | None = None,
 ) -> Path:
     """Fill ``cache_dir`` for ``windows`` (resumable). Returns the directory.
 
-    ``ray_workers > 0``: the missing shards are computed by that many Ray actors (one CPU and
-    ``ray_threads`` torch threads each; ``vllm_umim.training.ray_teacher``) on the cluster at
-    ``ray_address`` (default: the one ``ray.init()`` finds, else a local instance); this process
+    ``ray.teacher_workers > 0``: the missing shards are computed by that many Ray actors (one CPU
+    and ``ray.teacher_threads`` torch threads each; ``vllm_umim.training.ray_teacher``) on the
+    cluster at ``ray.ray_address`` (default: the one ``ray.init()`` finds, else a local instance); this process
     writes every shard as it arrives, so the files are the local path's, and resuming works the
     same either way."""
     cache_dir = Path(cache_dir)
@@ -107,11 +88,13 @@ def build_cache(
         old = json.loads(manifest_path.read_text())
         for key in ("k", "seq_len", "shard_windows", "rules_fingerprint"):
             if old.get(key) != info.get(key):
-                raise ValueError(f"teacher cache {cache_dir} was built with {key}={old.get(key)}, not {info.get(key)}")
+                raise TeacherCacheError(f"teacher cache {cache_dir} was built with {key}={old.get(key)}, not {info.get(key)}; "
+                                        "remove it or use another cache directory")
         old_windows = load_file(str(cache_dir / "windows.safetensors"))["windows"]
         n = min(len(old_windows), len(windows))
         if not torch.equal(old_windows[:n], torch.tensor(windows[:n], dtype=torch.int32)):
-            raise ValueError(f"teacher cache {cache_dir} holds different windows")
+            raise TeacherCacheError(f"teacher cache {cache_dir} holds different windows (another corpus, seq_len or seed); "
+                                    "remove it or use another cache directory")
     save_safetensors({"windows": torch.tensor(windows, dtype=torch.int32)}, cache_dir / "windows.safetensors")
     manifest_path.write_text(json.dumps(info, indent=2))
 
@@ -126,10 +109,11 @@ def build_cache(
         bar = tqdm(total=len(windows) * len(windows[0]), unit="tok", desc="teacher", smoothing=0.05)
         bar.update(sum(hi - lo for r, lo, hi in ranges if not any(r == t[0] for t in todo)) * len(windows[0]))
     started, done_tokens = time.perf_counter(), 0
-    if ray_workers:
+    if ray is not None and ray.teacher_workers:
         from vllm_umim.training.ray_teacher import compute_shards_on_ray
 
-        results = compute_shards_on_ray(model, rules, windows, todo, k, batch_size, ray_workers, ray_address, ray_threads)
+        results = compute_shards_on_ray(model, rules, windows, todo, k, batch_size, ray.teacher_workers, ray.ray_address,
+                                        ray.teacher_threads)
     else:
         results = ((shard, lo, hi, compute_shard(model, rules, windows[lo:hi], k, batch_size)) for shard, lo, hi in todo)
     for shard, lo, hi, (tensors, num_raw_tokens) in results:
@@ -167,9 +151,9 @@ class TeacherCache:
             n_windows += len(t["row_offsets"]) - 1
             shard += 1
             if n_windows != shard * sw and n_windows != len(all_windows):
-                raise ValueError(f"{self.dir}: shard {shard - 1} is incomplete")
+                raise TeacherCacheError(f"{self.dir}: shard {shard - 1} is incomplete")
         if require_complete and n_windows < len(all_windows):
-            raise ValueError(f"{self.dir}: only {n_windows} of {len(all_windows)} windows cached")
+            raise TeacherCacheError(f"{self.dir}: only {n_windows} of {len(all_windows)} windows cached")
         self.windows = all_windows[:n_windows]
         self.row_offsets = torch.cat(offsets)
         k = self.k
@@ -194,41 +178,3 @@ class TeacherCache:
 
     def num_rows(self, i: int) -> int:
         return int(self.row_offsets[i + 1] - self.row_offsets[i])
-
-
-def main(argv=None) -> None:
-    """``python -m vllm_umim.training.teacher_cache``: build (or resume) the teacher cache alone."""
-    import argparse
-
-    from vllm_umim.module.batches import corpus_windows
-    from vllm_umim.module.frozen_model import load_frozen_model
-
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", required=True)
-    p.add_argument("--rules", required=True)
-    p.add_argument("--corpus", required=True)
-    p.add_argument("--cache-dir", required=True)
-    p.add_argument("--max-tokens", type=int, required=True, help="raw training tokens to cache")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--val-windows", type=int, default=32)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=0)
-    from vllm_umim.training.cli import add_teacher_ray_arguments, teacher_ray_options
-
-    add_teacher_ray_arguments(p)
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    frozen = load_frozen_model(args.model, args.rules)
-    model, rules = frozen.model, frozen.rules
-    train, val = corpus_windows(args.corpus, frozen.tokenizer, args.seq_len, args.max_tokens, args.val_windows)
-    cache_dir = Path(args.cache_dir)
-    meta = {"corpus": str(args.corpus), "model": str(args.model)}
-    ray_options = teacher_ray_options(args)
-    build_cache(model, rules, val, cache_dir / "val", k=args.k, batch_size=args.batch_size, manifest=meta, **ray_options)
-    build_cache(model, rules, train, cache_dir / "train", k=args.k, batch_size=args.batch_size, manifest=meta, **ray_options)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,32 +9,32 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from vllm_umim.evaluation.rule_harm import DEFAULT_HORIZON
 
-def add_score_rules_arguments(p: argparse.ArgumentParser) -> None:
-    from vllm_umim.evaluation.rule_harm import DEFAULT_HORIZON
 
-    p.add_argument("--model", required=True)
-    p.add_argument("--rules", required=True, type=Path)
+def register(subparsers) -> None:
+    p = subparsers.add_parser("score-rules", help="score each rule by the harm (KL at its App. C row) of its merge")
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--rules", required=True, type=Path, help="rules file to score")
     p.add_argument("--module", required=True, help="merge module file (or 'mean' for the mean-pooling baseline)")
     p.add_argument("--corpus", required=True, type=Path, help="training text, one document per line")
-    p.add_argument("--windows", type=int, default=96)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--windows", type=int, default=96, help="training windows scored")
+    p.add_argument("--seq-len", type=int, default=128, help="raw tokens per window")
     p.add_argument("--seed", type=int, default=0, help="window shuffle seed (as training's corpus_windows)")
     p.add_argument("--horizon", type=int, default=DEFAULT_HORIZON,
                    help="also average the KL of the next H aligned rows (default: the merge's own row only)")
     p.add_argument("--heldout", type=Path, default=None, help="held-out text for coverage and merge-share thresholds")
-    p.add_argument("--heldout-documents", type=int, default=None)
+    p.add_argument("--heldout-documents", type=int, default=None, help="use the first N documents of --heldout")
     p.add_argument("--json", type=Path, default=None, help="also write the summary here")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output", required=True, type=Path)
 
 
-def run_score_rules(args) -> None:
+def run(args) -> None:
     import dataclasses
 
     import torch

@@ -1,4 +1,4 @@
-"""``vllm-umim fidelity``: UMIM on vs off in one vLLM engine, beside stock bf16 vs fp32 (issue 13).
+"""UMIM on vs off in one vLLM engine, beside stock bf16 vs fp32 (``vllm-umim fidelity``).
 
 One fp32 engine with the rules serves every variant (``--variant NAME=JSON``, each sent as
 ``extra_args={"umim": JSON}``) and the unmerged reference; then, unless ``--no-bf16-line``, a
@@ -11,45 +11,49 @@ perturbation users already accept. Engines run one after the other. Example::
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_umim.errors import UmimError
+from vllm_umim.errors import FidelityArgumentError
+from vllm_umim.evaluation.fidelity import MAX_TOKENS
+from vllm_umim.evaluation.fidelity_prompts import DEFAULT_PROMPTS_PER_KIND, KINDS
 
 DEFAULT_VARIANTS = ('prompt="prompt"', 'dynamic="dynamic"')
 EXAMPLES_PER_KIND = 3
 MAX_MODEL_LEN = 1024
 
 
-class FidelityArgumentError(UmimError):
-    """A ``--variant`` / ``--engine-option`` that is not ``NAME=JSON``, or an unusable cached bf16 line."""
+DEFAULT_MODEL = Path("~/.cache/vllm_umim/models/smollm2-135m").expanduser()
 
 
-def add_fidelity_arguments(p: argparse.ArgumentParser) -> None:
-    from vllm_umim.evaluation.fidelity import MAX_TOKENS
-    from vllm_umim.evaluation.fidelity_prompts import DEFAULT_PROMPTS_PER_KIND, KINDS
+def _kinds(text: str) -> tuple[str, ...]:
+    return tuple(k for k in text.split(",") if k)
 
-    p.add_argument("--model", default=str(Path("~/.cache/vllm_umim/models/smollm2-135m").expanduser()))
-    p.add_argument("--rules", required=True, type=Path)
-    p.add_argument("--module", default=None, help="merge module file, or 'mean' (default: beside the rules)")
-    p.add_argument("--variant", action="append", default=None, metavar="NAME=JSON",
-                   help='per-request UMIM setting sent as extra_args={"umim": JSON} (repeatable; default: '
-                        + " ".join(DEFAULT_VARIANTS) + "); a value that is not JSON is taken as a string")
-    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
-                   help='merged into additional_config["umim"] of the fp32 engine (repeatable)')
-    p.add_argument("--kinds", default=None,
-                   help=f"comma-separated prompt kinds (default: {','.join(KINDS)}; 'chat' left out for a model without a chat template)")
-    p.add_argument("--limit", type=int, default=DEFAULT_PROMPTS_PER_KIND, help="prompts per kind")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
-    p.add_argument("--compile", action="store_true", help="fp32 engine: keep vLLM's default torch.compile (default: eager)")
-    p.add_argument("--no-bf16-line", action="store_true", help="skip the stock bf16 engine")
-    p.add_argument("--bf16-line-from", type=Path, default=None, help="reuse the bf16 line of an earlier --json output")
-    p.add_argument("--eager", action="store_true", help="bf16 engine: enforce_eager (default: vLLM's defaults)")
-    p.add_argument("--json", type=Path, default=None, help="write all figures, per-prompt divergences and examples here")
+
+@dataclass
+class FidelityConfig:
+    """What ``run_fidelity`` compares. Fields with a ``help`` are ``vllm-umim fidelity`` flags;
+    ``variants`` and ``engine_options`` come from ``--variant`` / ``--engine-option NAME=JSON``."""
+
+    rules: Path = field(metadata={"help": "rules file (or operating-point folder)"})
+    model: str = field(default=str(DEFAULT_MODEL), metadata={"help": "HF model folder"})
+    module: str | None = field(default=None, metadata={"help": "merge module file, or 'mean' (default: beside the rules)"})
+    variants: dict = field(default_factory=lambda: dict(map(parse_assignment, DEFAULT_VARIANTS)))
+    engine_options: dict = field(default_factory=dict)
+    kinds: tuple[str, ...] | None = field(default=None, metadata={
+        "type": _kinds, "help": f"comma-separated prompt kinds (default: {','.join(KINDS)}; 'chat' left out for a model "
+                                "without a chat template)"})
+    limit: int = field(default=DEFAULT_PROMPTS_PER_KIND, metadata={"help": "prompts per kind"})
+    max_tokens: int = field(default=MAX_TOKENS, metadata={"help": "greedy tokens per continuation"})
+    compile: bool = field(default=False, metadata={"help": "fp32 engine: keep vLLM's default torch.compile (default: eager)"})
+    bf16_line: bool = field(default=True, metadata={"help": "skip the stock bf16 engine"})
+    bf16_line_from: Path | None = field(default=None, metadata={"help": "reuse the bf16 line of an earlier --json output"})
+    eager: bool = field(default=False, metadata={"help": "bf16 engine: enforce_eager (default: vLLM's defaults)"})
+    json: Path | None = field(default=None, metadata={"help": "write all figures, per-prompt divergences and examples here"})
 
 
 def parse_assignment(spec: str) -> tuple[str, object]:
@@ -63,87 +67,85 @@ def parse_assignment(spec: str) -> tuple[str, object]:
         return name.strip(), raw
 
 
-def run_fidelity(args) -> dict:
+def run_fidelity(config: FidelityConfig) -> dict:
     """Prompts, the fp32 UMIM engine (all variants), the bf16 line; table on stdout, JSON if asked."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-    from transformers import AutoTokenizer
-
+    from vllm_umim.data.model import load_tokenizer
     from vllm_umim.evaluation.fidelity_prompts import build_prompts, default_kinds, prompts_digest
 
-    variants = dict(parse_assignment(s) for s in (args.variant or DEFAULT_VARIANTS))
-    engine_options = dict(parse_assignment(s) for s in args.engine_option)
+    variants, engine_options = config.variants, config.engine_options
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    kinds = args.kinds.split(",") if args.kinds else default_kinds(tokenizer)
-    prompts = {kind: build_prompts(kind, tokenizer, args.limit) for kind in kinds}
+    tokenizer = load_tokenizer(config.model)
+    kinds = list(config.kinds) if config.kinds else default_kinds(tokenizer)
+    prompts = {kind: build_prompts(kind, tokenizer, config.limit) for kind in kinds}
     seconds["prompts"] = time.perf_counter() - clock
     result = {
-        "model": str(args.model), "rules": str(args.rules), "module": args.module, "max_tokens": args.max_tokens,
-        "variants": variants, "engine_options": engine_options, "compile": args.compile,
+        "model": str(config.model), "rules": str(config.rules), "module": config.module, "max_tokens": config.max_tokens,
+        "variants": variants, "engine_options": engine_options, "compile": config.compile,
         "prompts": {kind: {"count": len(ps), "digest": prompts_digest(ps), "sources": _count_sources(ps)} for kind, ps in prompts.items()},
     }
     token_prompts = {kind: [p.token_ids for p in ps] for kind, ps in prompts.items()}
 
     from vllm_umim.engine.config import files_used
 
-    result["files"] = files_used(umim_options(args, engine_options))
-    figures, continuations = _umim_stage(args, variants, engine_options, token_prompts, seconds)
+    result["files"] = files_used(umim_options(config, engine_options))
+    figures, continuations = _umim_stage(config, variants, engine_options, token_prompts, seconds)
     result["figures"] = figures
     bf16_continuations = None
-    if args.bf16_line_from:
-        result["bf16"], result["bf16_from"] = _cached_bf16_line(args.bf16_line_from, result), str(args.bf16_line_from)
-    elif not args.no_bf16_line:
-        result["bf16"], bf16_continuations = _bf16_stage(args, token_prompts, continuations["unmerged"], seconds)
+    if config.bf16_line_from:
+        result["bf16"], result["bf16_from"] = _cached_bf16_line(config.bf16_line_from, result), str(config.bf16_line_from)
+    elif config.bf16_line:
+        result["bf16"], bf16_continuations = _bf16_stage(config, token_prompts, continuations["unmerged"], seconds)
     result["examples"] = _examples(tokenizer, prompts, continuations, bf16_continuations)
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if config.json:
+        config.json.parent.mkdir(parents=True, exist_ok=True)
+        config.json.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def umim_options(args, engine_options: dict) -> dict:
+def umim_options(config: FidelityConfig, engine_options: dict) -> dict:
     """additional_config["umim"] of the fp32 engine."""
-    return {"rules": str(args.rules), **({"module": args.module} if args.module else {}), **engine_options}
+    return {"rules": str(config.rules), **({"module": config.module} if config.module else {}), **engine_options}
 
 
-def _umim_stage(args, variants, engine_options, token_prompts, seconds):
+def _umim_stage(config: FidelityConfig, variants, engine_options, token_prompts, seconds):
     from vllm import LLM
 
     from vllm_umim.evaluation.fidelity import run_variants
 
-    options = umim_options(args, engine_options)
+    options = umim_options(config, engine_options)
     clock = time.perf_counter()
-    llm = LLM(model=str(args.model), dtype="float32", enforce_eager=not args.compile, max_model_len=MAX_MODEL_LEN,
+    llm = LLM(model=str(config.model), dtype="float32", enforce_eager=not config.compile, max_model_len=MAX_MODEL_LEN,
               seed=0, additional_config={"umim": options})
     seconds["fp32_engine_start"] = time.perf_counter() - clock
     try:
         clock = time.perf_counter()
-        figures, continuations = run_variants(llm, token_prompts, variants, args.max_tokens)
+        figures, continuations = run_variants(llm, token_prompts, variants, config.max_tokens)
         seconds["fp32_generate"] = time.perf_counter() - clock
     finally:
         _shutdown(llm)
     return figures, continuations
 
 
-def _bf16_stage(args, token_prompts, fp32_unmerged, seconds):
+def _bf16_stage(config: FidelityConfig, token_prompts, fp32_unmerged, seconds):
     from vllm import LLM
 
     from vllm_umim.evaluation.fidelity import compare, generate_continuations
 
     clock = time.perf_counter()
-    llm = LLM(model=str(args.model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0, enforce_eager=args.eager)
+    llm = LLM(model=str(config.model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0, enforce_eager=config.eager)
     seconds["bf16_engine_start"] = time.perf_counter() - clock
     try:
         clock = time.perf_counter()
-        continuations = {kind: generate_continuations(llm, prompts, None, args.max_tokens) for kind, prompts in token_prompts.items()}
+        continuations = {kind: generate_continuations(llm, prompts, None, config.max_tokens) for kind, prompts in token_prompts.items()}
         seconds["bf16_generate"] = time.perf_counter() - clock
     finally:
         _shutdown(llm)
-    figures = {kind: compare(fp32_unmerged[kind], continuations[kind], args.max_tokens) for kind in token_prompts}
+    figures = {kind: compare(fp32_unmerged[kind], continuations[kind], config.max_tokens) for kind in token_prompts}
     return figures, continuations
 
 
