@@ -209,7 +209,7 @@ def vllm_bench_section(summary: dict) -> list[str]:
         "### vLLM's own `vllm bench throughput`", "",
         f"The same command with and without `--umim-rules` (shipped rules), {runs['stock'][0]['num_requests']} requests of "
         "held-out Wikipedia and GSM8K text in a ShareGPT-format file, vLLM's defaults, alternating which goes first "
-        f"(`python -m vllm_umim.bench.pair --rounds {len(rows)}`; `benchmarks/results/vllm-bench/`):", "",
+        f"(`vllm-umim bench-pair --rounds {len(rows)}`; `benchmarks/results/vllm-bench/`):", "",
         markdown_table(["round", "stock tok/s", "UMIM tok/s", "UMIM / stock"], rows),
     ]
 

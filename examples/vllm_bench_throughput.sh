@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_PROMPTS="${1:-128}"; shift || true
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}" VLLM_CPU_OMP_THREADS_BIND="${VLLM_CPU_OMP_THREADS_BIND:-0-1}"
-python -m vllm_umim.bench.pair --rounds 1 --num-prompts "$NUM_PROMPTS" \
+vllm-umim bench-pair --rounds 1 --num-prompts "$NUM_PROMPTS" \
     --output-dir "${OUTPUT_DIR:-/tmp/vllm_umim-example-bench}" -- "$@"

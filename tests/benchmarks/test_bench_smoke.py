@@ -19,12 +19,12 @@ def test_help_passes_through_to_the_benchmark():
 
 
 def test_engines_run_in_vllm_defaults_unless_told():
-    from vllm_umim.bench import harness
+    from vllm_umim.cli.bench import bench_parser
 
-    args = harness.build_parser().parse_args([])
+    args = bench_parser().parse_args([])
     assert args.enforce_eager is None or args.enforce_eager is False
     assert args.dtype == "auto"
-    eager = harness.build_parser().parse_args(["--enforce-eager", "--dtype", "float32"])
+    eager = bench_parser().parse_args(["--enforce-eager", "--dtype", "float32"])
     assert eager.enforce_eager is True and eager.dtype == "float32"
 
 

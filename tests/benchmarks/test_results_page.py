@@ -55,7 +55,7 @@ def test_best_runs_prefer_more_repetitions_then_the_later_run():
 
 def test_the_one_table_writer():
     assert markdown_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n| --- | --- |\n| 1 | x\\|y |"
-    with pytest.raises(ValueError, match="a table row has 1 cells for 2 columns"):
+    with pytest.raises(TypeError, match="a table row has 1 cells for 2 columns"):
         markdown_table(["a", "b"], [["only one"]])
     figures = {"wiki": {"kl": 0.5}, "gsm8k": {"kl": 0.25}}
     assert per_kind(figures, "kl", "{:.2f}".format) == "0.50 / 0.25"

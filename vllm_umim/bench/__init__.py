@@ -2,7 +2,7 @@
 
 * ``vllm-umim bench`` (``harness``, ``worker``, ``workloads``, ``summary``): both engines in their own
   processes, served alternately; ``throughput.json``, ``.md`` and ``.png``.
-* ``python -m vllm_umim.bench.pair``: vLLM's own ``vllm bench throughput`` with and without
+* ``vllm-umim bench-pair`` (:mod:`vllm_umim.bench.pair`): vLLM's own ``vllm bench throughput`` with and without
   ``--umim-rules``.
 * ``tables``: the one Markdown-table writer (``throughput.md`` and the repository's results page).
 

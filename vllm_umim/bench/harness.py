@@ -1,7 +1,9 @@
 """Throughput of vllm_umim next to stock vLLM, like ``vllm bench throughput``, on natural text.
 
     vllm-umim bench [vLLM engine args] [--scenario prefill-heavy decode-heavy decode-long no-merge]
-    python -m vllm_umim.bench ...            (the same)
+
+(the command line is ``vllm_umim.cli.bench``; this module takes a :class:`BenchConfig` and the
+engine arguments as a dict).
 
 The engine arguments are vLLM's own (``EngineArgs.add_cli_args``, ``--umim-*`` included); both
 engines get the same ones, the stock one without ``--umim-*``. Each engine runs in its own process
@@ -42,46 +44,20 @@ def default_rules() -> str:
     return str(SHIPPED_RULES)
 
 
-def build_parser():
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.plugins import load_general_plugins
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+@dataclasses.dataclass
+class BenchConfig:
+    """What to run beside the engine arguments (each field is a ``vllm-umim bench`` flag)."""
 
-    load_general_plugins()  # this package's umim_server plugin adds the --umim-* flags, as in vllm serve
-    parser = FlexibleArgumentParser(prog="vllm-umim bench", description=__doc__.splitlines()[0])
-    EngineArgs.add_cli_args(parser)
-    if not any(action.dest == "umim_rules" for action in parser._actions):
-        raise UmimError("the --umim-* flags come from the vLLM plugin 'umim_server', which VLLM_PLUGINS leaves out")
-    bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--scenario", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    bench.add_argument("--repetitions", type=int, default=3)
-    bench.add_argument("--num-prompts", type=int, default=None, help="override every scenario's request count")
-    bench.add_argument("--input-len", type=int, default=None, help="override every scenario's prompt length (raw tokens)")
-    bench.add_argument("--output-len", type=int, default=None, help="override every scenario's output length")
-    bench.add_argument("--kv-blocks", type=int, default=None, help="override the KV-bound scenarios' num_gpu_blocks_override")
-    bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); vLLM's bench uses 1.0")
-    bench.add_argument("--profile", action="store_true", help="also profile one UMIM run per scenario (cProfile, in-process engine)")
-    bench.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help=f"where the results go (default {DEFAULT_OUTPUT_DIR}/)")
-    # vLLM's own defaults (torch.compile, bf16 on CPU; CUDA graphs on GPU), as users run it:
-    # --enforce-eager and --dtype float32 are vLLM's flags for the other setups
-    parser.set_defaults(max_model_len=1024, seed=0)
-    return parser
-
-
-def engine_kwargs_of(args) -> dict:
-    """The EngineArgs fields the command line changed from their defaults (what both engines get)."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    engine_args = EngineArgs.from_cli_args(args)
-    default = EngineArgs(model=engine_args.model)
-    changed = {}
-    for field in dataclasses.fields(EngineArgs):
-        value = getattr(engine_args, field.name)
-        if value != getattr(default, field.name):
-            json.dumps(value)  # must travel to the worker as JSON
-            changed[field.name] = value
-    changed["model"] = engine_args.model
-    return changed
+    scenario: list[str] = dataclasses.field(default_factory=lambda: list(SCENARIOS),
+                                            metadata={"help": "scenarios to run", "nargs": "+", "choices": list(SCENARIOS)})
+    repetitions: int = dataclasses.field(default=3, metadata={"help": "alternating repetitions per scenario"})
+    num_prompts: int | None = dataclasses.field(default=None, metadata={"help": "override every scenario's request count"})
+    input_len: int | None = dataclasses.field(default=None, metadata={"help": "override every scenario's prompt length (raw tokens)"})
+    output_len: int | None = dataclasses.field(default=None, metadata={"help": "override every scenario's output length"})
+    kv_blocks: int | None = dataclasses.field(default=None, metadata={"help": "override the KV-bound scenarios' num_gpu_blocks_override"})
+    temperature: float = dataclasses.field(default=0.0, metadata={"help": "0: greedy; vLLM's bench uses 1.0"})
+    profile: bool = dataclasses.field(default=False, metadata={"help": "also profile one UMIM run per scenario (cProfile, in-process engine)"})
+    output_dir: Path = dataclasses.field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where the results go"})
 
 
 class EngineProcess:
@@ -154,9 +130,9 @@ def prepare_scenario(spec, engine_kwargs: dict, tokenizer, documents, work_dir: 
     return prompts_path, stock_kwargs, umim_kwargs
 
 
-def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir: Path) -> dict:
+def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, config: BenchConfig, work_dir: Path) -> dict:
     """Both engines up; ``repetitions`` rounds, alternating which goes first."""
-    command = dict(prompts=str(prompts_path), output_len=spec.output_len, temperature=args.temperature)
+    command = dict(prompts=str(prompts_path), output_len=spec.output_len, temperature=config.temperature)
     engines = {"stock": EngineProcess(f"{spec.name}-stock", stock_kwargs, work_dir),
                "umim": EngineProcess(f"{spec.name}-umim", umim_kwargs, work_dir)}
     runs = {"stock": [], "umim": []}
@@ -166,7 +142,7 @@ def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir: 
             startup_s[label] = engine.receive()["startup_s"]  # ready (the two start side by side)
         for label, engine in engines.items():  # warm-up: one short run each, not measured
             engine.run(**{**command, "output_len": min(4, spec.output_len)})
-        for repetition in range(args.repetitions):
+        for repetition in range(config.repetitions):
             order = ("stock", "umim") if repetition % 2 == 0 else ("umim", "stock")
             for label in order:
                 result = engines[label].run(**command)
@@ -179,7 +155,7 @@ def run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir: 
         for engine in engines.values():
             engine.close()
     profile = None
-    if args.profile:
+    if config.profile:
         profile = profile_scenario(spec, command, umim_kwargs, work_dir)
     return {"scenario": dataclasses.asdict(spec), "runs": runs, "startup_s": startup_s, "profile": profile}
 
@@ -207,42 +183,35 @@ def module_eval(umim_options: dict) -> dict | None:
     return {"path": str(path), **json.loads(path.read_text())} if path.is_file() else None
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(engine_kwargs: dict, config: BenchConfig, command: str) -> dict:
+    """Every scenario of ``config``: stock vLLM and UMIM with ``engine_kwargs`` (the EngineArgs fields
+    the user set, ``additional_config["umim"]`` included); writes and returns the report."""
     from transformers import AutoTokenizer
 
     from vllm_umim.engine.config import UmimConfig
     from vllm_umim.engine.operating_point import resolve_operating_point
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.model is None or args.model == "Qwen/Qwen3-0.6B":
-        from vllm_umim.data.model import fetch_model
-
-        args.model = str(fetch_model("smollm2-135m"))
-    if args.umim_rules is None:
-        args.umim_rules = default_rules()
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    engine_kwargs = engine_kwargs_of(args)
     umim = engine_kwargs["additional_config"]["umim"] = resolve_operating_point(engine_kwargs["additional_config"]["umim"])
     if UmimConfig.from_dict(umim).module_path() is None:
         umim["module"] = "mean"  # no trained module yet: the untrained baseline (reported as such)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="umim-bench-"))
     print(f"engine logs and prompts in {work_dir}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(engine_kwargs.get("tokenizer") or engine_kwargs["model"])
     documents = natural_documents()
 
     results = []
-    for name in args.scenario:
-        overrides = dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len)
+    for name in config.scenario:
+        overrides = dict(num_prompts=config.num_prompts, input_len=config.input_len, output_len=config.output_len)
         if SCENARIOS[name].kv_blocks is not None:  # --kv-blocks applies to the KV-capped scenarios
-            overrides["kv_blocks"] = args.kv_blocks
+            overrides["kv_blocks"] = config.kv_blocks
         spec = scenario(name, **overrides)
         print(f"{spec.name}: {spec.num_prompts} prompts x {spec.input_len} tokens in, {spec.output_len} out; {spec.about}", flush=True)
         prompts_path, stock_kwargs, umim_kwargs = prepare_scenario(spec, engine_kwargs, tokenizer, documents, work_dir)
-        results.append(summarize(run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, args, work_dir)))
+        results.append(summarize(run_scenario(spec, prompts_path, stock_kwargs, umim_kwargs, config, work_dir)))
         report = {  # rewritten after every scenario, so a long run that is stopped keeps what it measured
-            "command": " ".join(["vllm-umim bench", *(argv if argv is not None else sys.argv[1:])]),
+            "command": command,
             "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "load_average_start": load_at_start,
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
@@ -252,11 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
             "module_eval": module_eval(engine_kwargs["additional_config"]["umim"]),
             "scenarios": results,
         }
-        paths = write_outputs(report, args.output_dir)
+        paths = write_outputs(report, config.output_dir)
     print(open(paths["markdown"]).read())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return report
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """vLLM's own ``vllm bench throughput`` with ``--umim-rules`` against the same command without it.
 
-    python -m vllm_umim.bench.pair [--rounds 2] [--num-prompts 128] [--input-words 120] [--output-len 64]
+    vllm-umim bench-pair [--rounds 2] [--num-prompts 128] [--input-words 120] [--output-len 64]
         [--output-dir bench-results/vllm-bench] [-- extra vllm bench throughput args]
 
 Writes a ShareGPT-format file of natural text (held-out Wikipedia openings and GSM8K problems:
@@ -13,7 +13,7 @@ neither figure (vLLM's bench times only generation). Prints and writes the ratio
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -42,7 +42,21 @@ def write_sharegpt_file(path: Path, num_prompts: int, input_words: int) -> None:
     path.write_text(json.dumps(conversations))
 
 
-def run_bench(model: str, dataset: Path, args, umim_rules: str | None, out: Path) -> dict:
+@dataclasses.dataclass
+class PairConfig:
+    """``vllm-umim bench-pair``'s settings (each field with a help is a flag)."""
+
+    model: str | None = dataclasses.field(default=None, metadata={"help": "model folder (default: the offline SmolLM2-135M)"})
+    umim_rules: str | None = dataclasses.field(default=None, metadata={"help": "rules file or operating-point folder (default: the shipped rules)"})
+    rounds: int = dataclasses.field(default=2, metadata={"help": "rounds, alternating which engine goes first"})
+    num_prompts: int = dataclasses.field(default=128, metadata={"help": "conversations in the ShareGPT file"})
+    input_words: int = dataclasses.field(default=120, metadata={"help": "words of each prompt"})
+    output_len: int = dataclasses.field(default=64, metadata={"help": "output tokens per request"})
+    output_dir: Path = dataclasses.field(default=DEFAULT_OUTPUT_DIR / "vllm-bench", metadata={"help": "where the results go"})
+    extra: list[str] = dataclasses.field(default_factory=list)  # more `vllm bench throughput` arguments, for both runs
+
+
+def run_bench(model: str, dataset: Path, args: PairConfig, umim_rules: str | None, out: Path) -> dict:
     command = [str(Path(sys.executable).with_name("vllm")), "bench", "throughput", "--model", model,
                "--dataset-name", "sharegpt", "--dataset-path", str(dataset), "--num-prompts", str(args.num_prompts),
                "--output-len", str(args.output_len), "--max-model-len", "1024", "--seed", "0",
@@ -60,17 +74,9 @@ def run_bench(model: str, dataset: Path, args, umim_rules: str | None, out: Path
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--umim-rules", default=None, help="rules file or operating-point folder (default: the shipped rules)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--num-prompts", type=int, default=128)
-    parser.add_argument("--input-words", type=int, default=120)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR / "vllm-bench")
-    parser.add_argument("extra", nargs="*", help="after --: more vllm bench throughput arguments, for both runs")
-    args = parser.parse_args(argv)
+def run(args: PairConfig, command: str) -> dict:
+    """``vllm bench throughput`` with and without ``--umim-rules``, ``args.rounds`` times; writes and
+    returns the report."""
     if args.model is None:
         from vllm_umim.data.model import fetch_model
 
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{result['requests_per_second']:.3f} req/s (process {result['process_s']:.0f} s)", flush=True)
     ratios = {key: [u[key] / s[key] for s, u in zip(runs["stock"], runs["umim"])] for key in ("tokens_per_second", "requests_per_second")}
     report = {
-        "command": " ".join(["python -m vllm_umim.bench.pair", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "runs": runs,
         "ratios": ratios,
@@ -100,6 +106,3 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"UMIM / stock, vllm bench throughput tokens/s per round: {[round(r, 3) for r in ratios['tokens_per_second']]}")
     return report
 
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     lines = [header, ["---"] * len(header)]
     for row in rows:
         if len(row) != len(header):
-            raise ValueError(f"a table row has {len(row)} cells for {len(header)} columns: {row!r}")
+            raise TypeError(f"a table row has {len(row)} cells for {len(header)} columns: {row!r}")
         lines.append(row)
     return "\n".join("| " + " | ".join(str(cell).replace("|", "\\|") for cell in line) + " |" for line in lines)
 

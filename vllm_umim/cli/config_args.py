@@ -17,7 +17,7 @@ import inspect
 import types
 import typing
 
-PASSED_ON = ("choices", "metavar", "action", "type")
+PASSED_ON = ("choices", "metavar", "action", "type", "nargs")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:

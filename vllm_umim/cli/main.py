@@ -14,6 +14,7 @@ import sys
 
 from vllm_umim.cli import (
     bench,
+    bench_pair,
     demo,
     evaluate,
     fetch_corpus,
@@ -31,7 +32,7 @@ from vllm_umim.cli import (
 from vllm_umim.errors import UmimError
 
 COMMANDS = (fetch_model, fetch_corpus, training_mix, mine, inspect_rules, generate, demo, train, teacher_cache, evaluate,
-            fidelity, score_rules, select_rules, bench)
+            fidelity, score_rules, select_rules, bench, bench_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:
