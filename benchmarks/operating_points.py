@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from benchmarks.report import best_runs, operating_points_table
-from vllm_umim.files import file_sha256
+from vllm_umim.files import file_sha256, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def main(argv=None) -> list[dict]:
     data = {"points": [{**p, "settings": p["settings"].as_options()} for p in points], "bf16": bf16}
     print(operating_points_table(data))
     if args.json:
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        write_json_atomic(data, args.json, indent=1)
     return points
 
 

@@ -20,6 +20,7 @@ from vllm_umim.bench import worker  # noqa: E402
 from vllm_umim.bench.harness import build_parser, default_rules, engine_kwargs_of, prepare_scenario  # noqa: E402
 from vllm_umim.bench.summary import profile_summary  # noqa: E402
 from vllm_umim.bench.workloads import natural_documents, scenario  # noqa: E402
+from vllm_umim.files import write_json_atomic
 
 
 def main(argv=None) -> dict:
@@ -56,7 +57,7 @@ def main(argv=None) -> dict:
             print(f"   {row['self_s']:8.3f} s self  {row['calls']:7d} calls  {row['function']}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     out = args.output_dir / f"profile-{name}.json"
-    out.write_text(json.dumps({"scenario": spec.name, "load_average": os.getloadavg(), **results}, indent=2))
+    write_json_atomic({"scenario": spec.name, "load_average": os.getloadavg(), **results}, out)
     print(f"wrote {out}")
     return results
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from vllm_umim.files import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "training-profile.json"
 
@@ -110,7 +111,7 @@ def main(argv=None) -> list[dict]:
                 results.append(row)
                 print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(results, args.output)
     print(f"wrote {args.output}")
     return results
 

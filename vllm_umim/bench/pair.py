@@ -24,6 +24,7 @@ from pathlib import Path
 from vllm_umim.bench.harness import DEFAULT_OUTPUT_DIR, default_rules
 from vllm_umim.bench.workloads import natural_documents
 from vllm_umim.errors import UmimError
+from vllm_umim.files import write_json_atomic
 
 
 def write_sharegpt_file(path: Path, num_prompts: int, input_words: int) -> None:
@@ -102,7 +103,7 @@ def run(args: PairConfig, command: str) -> dict:
         "ratios": ratios,
         "median_tokens_per_second_ratio": statistics.median(ratios["tokens_per_second"]),
     }
-    (args.output_dir / "summary.json").write_text(json.dumps(report, indent=1))
+    write_json_atomic(report, args.output_dir / "summary.json", indent=1)
     print(f"UMIM / stock, vllm bench throughput tokens/s per round: {[round(r, 3) for r in ratios['tokens_per_second']]}")
     return report
 

@@ -3,11 +3,11 @@ profile summary (``throughput.json``, ``throughput.md``, ``throughput.png``)."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from vllm_umim.bench.tables import markdown_table, percent, ratio_cell
+from vllm_umim.files import write_json_atomic
 
 GOALS = {  # scenario -> (what, check(ratio, token reduction) -> (target, met))
     "prefill-heavy": ("ratio >= 0.9 / (1 - TR)", lambda ratio, tr: (0.9 / (1 - tr), ratio >= 0.9 / (1 - tr))),
@@ -160,7 +160,7 @@ def plot(report: dict, path: Path) -> None:
 
 def write_outputs(report: dict, output_dir: Path) -> dict:
     paths = {"json": output_dir / "throughput.json", "plot": output_dir / "throughput.png", "markdown": output_dir / "throughput.md"}
-    paths["json"].write_text(json.dumps(report, indent=2))
+    write_json_atomic(report, paths["json"])
     plot(report, paths["plot"])
     paths["markdown"].write_text(markdown_report(report) + "\n")
     return paths

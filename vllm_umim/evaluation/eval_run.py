@@ -156,13 +156,11 @@ def qa_stage(config: EvalConfig, frozen, modules, result) -> None:
 
 
 def _dump(config: EvalConfig, result) -> None:
-    import json
+    from vllm_umim.files import write_json_atomic
 
     if config.json:
         config.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = config.json.with_name(config.json.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(config.json)
+        write_json_atomic(result, config.json)
 
 
 def print_table(result: dict) -> None:

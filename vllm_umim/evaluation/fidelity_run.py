@@ -21,6 +21,7 @@ from pathlib import Path
 from vllm_umim.errors import FidelityArgumentError
 from vllm_umim.evaluation.fidelity import MAX_TOKENS
 from vllm_umim.evaluation.fidelity_prompts import DEFAULT_PROMPTS_PER_KIND, KINDS
+from vllm_umim.files import write_json_atomic
 
 DEFAULT_VARIANTS = ('prompt="prompt"', 'dynamic="dynamic"')
 EXAMPLES_PER_KIND = 3
@@ -103,7 +104,7 @@ def run_fidelity(config: FidelityConfig) -> dict:
     print_table(result)
     if config.json:
         config.json.parent.mkdir(parents=True, exist_ok=True)
-        config.json.write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(result, config.json, indent=1)
     return result
 
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from vllm_umim.errors import TeacherCacheError
-from vllm_umim.files import save_safetensors
+from vllm_umim.files import save_safetensors, write_json_atomic
 from vllm_umim.training.teacher_shards import compute_shard, teacher_topk
 
 __all__ = ["FORMAT", "TeacherCache", "TeacherRay", "build_cache", "compute_shard", "shard_path", "teacher_topk"]
@@ -96,7 +96,7 @@ def build_cache(
             raise TeacherCacheError(f"teacher cache {cache_dir} holds different windows (another corpus, seq_len or seed); "
                                     "remove it or use another cache directory")
     save_safetensors({"windows": torch.tensor(windows, dtype=torch.int32)}, cache_dir / "windows.safetensors")
-    manifest_path.write_text(json.dumps(info, indent=2))
+    write_json_atomic(info, manifest_path)
 
     model.eval()
     num_shards = (len(windows) + shard_windows - 1) // shard_windows
