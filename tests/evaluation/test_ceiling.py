@@ -176,6 +176,12 @@ def test_resume_runs_only_missing_variants(toy, tmp_path):
     result = measure_ceiling(config(tmp_path, variants=("module", "rule")), data, log=logged.append)
     assert logged[0] == "module: done already, skipped" and "rule: running" in logged
     assert set(result["variants"]) == {"module", "rule"}
+    # a setting only the oracle depends on leaves the finished variants valid
+    logged = []
+    result = measure_ceiling(config(tmp_path, variants=("module", "rule", "oracle"), oracle_max_steps=3), data, log=logged.append)
+    assert sum("skipped" in line for line in logged) == 2 and result["variants"]["oracle"]["settings"]["oracle_max_steps"] == 3
+    with pytest.raises(CeilingError, match="'rule' measured with other settings \\(fit_lr\\)"):
+        measure_ceiling(config(tmp_path, variants=("module", "rule"), fit_lr=1e-3), data, log=lambda *_: None)
 
 
 def test_select_training_windows_covers_heldout_keys(toy):

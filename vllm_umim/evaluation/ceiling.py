@@ -534,6 +534,25 @@ def _settings(config: CeilingConfig) -> dict:
     return settings
 
 
+_COMMON = ("seq_len", "heldout_windows", "batch_windows", "seed")
+_FITTED = _COMMON + ("train_windows", "val_windows", "fit_lr", "rule_epochs", "min_train_count", "train_selection")
+
+
+def variant_settings(config: CeilingConfig, name: str) -> dict:
+    """The settings one variant's numbers depend on: a rerun reuses a finished variant only when
+    these match (so e.g. a longer oracle does not invalidate the fitted variants)."""
+    if name == "module":
+        fields_ = _COMMON
+    elif name == "oracle":
+        fields_ = _COMMON + ("oracle_lr", "oracle_max_steps", "oracle_patience", "oracle_tol")
+    elif name == "rule":
+        fields_ = _FITTED
+    else:
+        fields_ = _FITTED + ("context_epochs",)
+    settings = _settings(config)
+    return {k: settings[k] for k in fields_}
+
+
 def measure_ceiling(config: CeilingConfig, data: CeilingData, log=print) -> dict:
     """Run every variant of ``config`` not already in ``config.out``, writing the JSON after each."""
     out, scratch = Path(config.out), Path(config.scratch_dir)
@@ -554,10 +573,15 @@ def measure_ceiling(config: CeilingConfig, data: CeilingData, log=print) -> dict
     result = {"settings": _settings(config), "data": data_section, "variants": {}}
     if out.exists():
         previous = json.loads(out.read_text())
-        if previous.get("settings") != result["settings"] or previous.get("data", {}).get("heldout") != data_section["heldout"]:
-            differ = sorted(k for k in result["settings"] if previous.get("settings", {}).get(k) != result["settings"][k])
-            raise CeilingError(f"{out} was written with other settings ({', '.join(differ) or 'held-out windows'}); "
-                               "write to another file or remove it")
+        if previous.get("data", {}).get("heldout") != data_section["heldout"]:
+            raise CeilingError(f"{out} was measured on other held-out windows; write to another file or remove it")
+        for name, entry in previous.get("variants", {}).items():
+            wanted = variant_settings(config, name)
+            had = entry.get("settings") or {k: previous.get("settings", {}).get(k) for k in wanted}
+            differ = sorted(k for k in wanted if had.get(k) != wanted[k])
+            if differ:
+                raise CeilingError(f"{out} holds variant {name!r} measured with other settings ({', '.join(differ)}); "
+                                   "write to another file or remove it")
         result["variants"] = previous.get("variants", {})
         result["data"] = {**previous.get("data", {}), **data_section}
     rows_path = scratch / "rows.npz"
@@ -630,6 +654,7 @@ def measure_ceiling(config: CeilingConfig, data: CeilingData, log=print) -> dict
             per_row = evaluate(model, heldout, lambda i: fitted.apply(heldout.occurrence_keys(i, k), rule_base(heldout, i)), held_teacher)
             per_row.update(covered_rows(heldout, k, fitted))
             entry = {"k": k, "fit": fit, **_coverage(heldout, k, fitted)}
+        entry["settings"] = variant_settings(config, name)
         entry["all"] = summarize(per_row)
         entry["merged"] = summarize(per_row, row_merged)
         entry["seconds"] = round(time.perf_counter() - started, 1)
@@ -681,7 +706,7 @@ def _run_oracle(config: CeilingConfig, model, heldout: Split, module_of, scratch
         path = scratch / f"oracle-batch{i}.pt"
         if path.exists():
             saved = torch.load(path)
-            if saved["settings"] == _settings(config):
+            if saved["settings"] == variant_settings(config, "oracle"):
                 parts.append(saved["rows"]), curves.append(saved["curve"]), reasons.append(saved["reason"])
                 continue
         started = time.perf_counter()
@@ -691,7 +716,7 @@ def _run_oracle(config: CeilingConfig, model, heldout: Split, module_of, scratch
                                               config.oracle_patience, config.oracle_tol, held_teacher[i])
         with torch.no_grad():
             per_row = row_metrics(held_teacher[i], student_logprobs(model, batch, vectors))
-        torch.save({"settings": _settings(config), "rows": per_row, "curve": curve, "reason": reason}, path)
+        torch.save({"settings": variant_settings(config, "oracle"), "rows": per_row, "curve": curve, "reason": reason}, path)
         parts.append(per_row), curves.append(curve), reasons.append(reason)
         log(f"  oracle batch {i + 1}/{len(heldout.batches)}: KL {curve[0]:.4f} -> {min(curve):.4f} in {len(curve) - 1} steps "
             f"({reason}, {time.perf_counter() - started:.0f} s)")
@@ -755,3 +780,50 @@ def covered_rows(heldout: Split, k: int, table: Table) -> dict[str, np.ndarray]:
         covered.append(row_hit.numpy())
         counts.append(row_count.numpy())
     return {"covered": np.concatenate(covered).astype(np.float64), "train_count": np.concatenate(counts).astype(np.float64)}
+
+
+LABELS = {"module": "(a) module", "oracle": "(b) oracle", "rule": "(c) per rule", }
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name) or (f"(d) per (k={context_size(name)} tokens, rule)" if context_size(name) else name)
+
+
+def _cell(entry: dict | None) -> str:
+    if not entry or entry.get("kl") is None:
+        return "–"
+    return f"{entry['kl']:.3f} / {100 * entry['top1']:.1f} %"
+
+
+def ceiling_tables(result: dict) -> str:
+    """Markdown: the variants over all aligned rows and at merged elements, then every variant on the
+    same subsets of rows (KL / top-1), then the share of the module -> oracle KL gap each fitted
+    variant closes on the spans it covers."""
+    variants = result["variants"]
+    names = [n for n in ("module", "rule", *sorted(n for n in variants if context_size(n)), "oracle") if n in variants]
+    lines = ["| variant | fitted on | KL all rows | top-1 all rows | KL merged | top-1 merged | coverage |",
+             "|---|---|---|---|---|---|---|"]
+    fitted_on = {"module": "training text (shipped)", "oracle": "the held-out windows (in sample)"}
+    for name in names:
+        e = variants[name]
+        cov = f"{100 * e['coverage']:.1f} % of spans ({e['covered_spans']}/{e['heldout_spans']})" if "coverage" in e else "all spans"
+        where = fitted_on.get(name, f"{result['data']['train']['windows']} training windows")
+        lines.append(f"| {_label(name)} | {where} | {e['all']['kl']:.3f} | {100 * e['all']['top1']:.1f} % | {e['merged']['kl']:.3f} | "
+                     f"{100 * e['merged']['top1']:.1f} % | {cov} |")
+    comparison = result.get("comparison", {})
+    lines += ["", "| rows (KL / top-1) | n | " + " | ".join(_label(n) for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    for subset, entry in comparison.items():
+        lines.append(f"| {subset.replace('_', ' ')} | {entry['rows']} | " + " | ".join(_cell(entry.get(n)) for n in names) + " |")
+    if "oracle" in variants and "module" in variants:
+        lines += ["", "| spans | n | share of the module → oracle KL gap closed by " + " | ".join(_label(n) for n in names if n not in ("module", "oracle")) + " |",
+                  "|---|---|" + "---|" * len([n for n in names if n not in ("module", "oracle")])]
+        for subset in [s for s in comparison if s.startswith("covered_by_") and "train_count" not in s] + ["merged"]:
+            entry = comparison[subset]
+            gap = entry["module"]["kl"] - entry["oracle"]["kl"] if entry.get("module") and entry.get("oracle") and entry["rows"] else None
+            cells = []
+            for n in names:
+                if n in ("module", "oracle"):
+                    continue
+                cells.append(f"{100 * (entry['module']['kl'] - entry[n]['kl']) / gap:.0f} %" if gap and entry.get(n) else "–")
+            lines.append(f"| {subset.replace('_', ' ')} | {entry['rows']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
