@@ -202,6 +202,20 @@ def test_select_training_windows_covers_heldout_keys(toy):
     assert select_training_windows(pool, heldout, budget=10, k=None)[0] == [0, 3]  # rules only, first window each
 
 
+def test_paired_difference_resamples_whole_windows():
+    from vllm_umim.evaluation.ceiling import paired_difference
+
+    row_window = np.array([0, 0, 1, 1, 1, 2])
+    mask = np.array([True, True, True, True, False, True])
+    resample = np.random.default_rng(0).multinomial(3, [1 / 3] * 3, size=500)
+    constant = paired_difference(np.full(6, 0.25), mask, row_window, resample)
+    assert constant["mean"] == pytest.approx(0.25) and constant["ci95"] == pytest.approx([0.25, 0.25])
+    diff = np.array([1.0, 1.0, -1.0, -1.0, 100.0, 0.0])  # the masked-out row never counts
+    varied = paired_difference(diff, mask, row_window, resample)
+    assert varied["mean"] == pytest.approx(0.0)
+    assert -1.0 <= varied["ci95"][0] < 0 < varied["ci95"][1] <= 1.0
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(CeilingError, match="unknown ceiling variant"):
         config(tmp_path, variants=("module", "contextual"))

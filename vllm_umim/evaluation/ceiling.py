@@ -738,11 +738,19 @@ def _run_oracle(config: CeilingConfig, model, heldout: Split, module_of, scratch
 BUCKETS = ((1, 4), (5, 19), (20, 99), (100, None))  # training occurrences of a span's key
 
 
-def compare(result: dict, rows: dict, heldout: Split) -> dict:
+ORDER = ("module", "rule", "context1", "context2", "context3", "oracle")
+
+
+def compare(result: dict, rows: dict, heldout: Split, draws: int = 2000, seed: int = 0) -> dict:
     """KL and top-1 of every finished variant on the same subsets of held-out rows: all rows, rows at
     merged elements, the merged rows whose span each fitted table covers (and does not), and the
-    covered rows by how often their key occurred in training."""
+    covered rows by how often their key occurred in training. Each subset also gets paired
+    differences between variants (``b`` minus ``a``) with a 95 % interval from resampling whole
+    windows (rows of one window are not independent)."""
     row_merged = torch.cat(heldout.row_merged).numpy()
+    row_window = np.repeat(np.arange(len(heldout.segs)), [s.num_elements - s.first_merge for s in heldout.segs])
+    if len(row_window) != len(row_merged):
+        raise CeilingError("held-out rows do not add up per window")
     subsets = {"all": np.ones(len(row_merged), bool), "merged": row_merged}
     for name in result["variants"]:
         if name in rows and "covered" in rows[name]:
@@ -753,14 +761,33 @@ def compare(result: dict, rows: dict, heldout: Split) -> dict:
             for low, high in BUCKETS:
                 inside = covered & (counts >= low) & (counts <= (high if high is not None else np.inf))
                 subsets[f"covered_by_{name}_train_count_{low}-{high if high is not None else ''}"] = inside
+    names = [n for n in sorted(result["variants"], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)) if n in rows]
+    pairs = list(zip(names, names[1:])) + [("module", n) for n in names[2:] if "module" in names]
+    resample = np.random.default_rng(seed).multinomial(len(heldout.segs), np.full(len(heldout.segs), 1 / len(heldout.segs)), size=draws)
     out = {}
     for subset, mask in subsets.items():
-        out[subset] = {"rows": int(mask.sum())}
-        for name in result["variants"]:
-            if name in rows:
-                s = summarize(rows[name], mask)
-                out[subset][name] = {"kl": s["kl"], "top1": s["top1"]}
+        out[subset] = {"rows": int(mask.sum()), "windows": int(len(np.unique(row_window[mask])))}
+        for name in names:
+            s = summarize(rows[name], mask)
+            out[subset][name] = {"kl": s["kl"], "top1": s["top1"]}
+        if mask.sum() and len(names) > 1:
+            out[subset]["differences"] = [
+                {"a": a, "b": b, **{m: paired_difference(rows[b][m] - rows[a][m], mask, row_window, resample) for m in ("kl", "top1")}}
+                for a, b in pairs
+            ]
     return out
+
+
+def paired_difference(diff: np.ndarray, mask: np.ndarray, row_window: np.ndarray, resample: np.ndarray) -> dict:
+    """Mean of ``diff`` over ``mask`` and its 95 % window-bootstrap interval (``resample``: [draws,
+    windows] multiplicities)."""
+    windows = resample.shape[1]
+    sums = np.bincount(row_window[mask], weights=diff[mask], minlength=windows)
+    counts = np.bincount(row_window[mask], minlength=windows).astype(np.float64)
+    totals = resample @ counts
+    means = (resample @ sums)[totals > 0] / totals[totals > 0]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(sums.sum() / counts.sum()), "ci95": [float(low), float(high)]}
 
 
 def covered_rows(heldout: Split, k: int, table: Table) -> dict[str, np.ndarray]:
@@ -813,7 +840,8 @@ def ceiling_tables(result: dict) -> str:
     comparison = result.get("comparison", {})
     lines += ["", "| rows (KL / top-1) | n | " + " | ".join(_label(n) for n in names) + " |", "|---|---|" + "---|" * len(names)]
     for subset, entry in comparison.items():
-        lines.append(f"| {subset.replace('_', ' ')} | {entry['rows']} | " + " | ".join(_cell(entry.get(n)) for n in names) + " |")
+        if entry["rows"]:
+            lines.append(f"| {subset.replace('_', ' ')} | {entry['rows']} | " + " | ".join(_cell(entry.get(n)) for n in names) + " |")
     if "oracle" in variants and "module" in variants:
         lines += ["", "| spans | n | share of the module → oracle KL gap closed by " + " | ".join(_label(n) for n in names if n not in ("module", "oracle")) + " |",
                   "|---|---|" + "---|" * len([n for n in names if n not in ("module", "oracle")])]
@@ -826,4 +854,13 @@ def ceiling_tables(result: dict) -> str:
                     continue
                 cells.append(f"{100 * (entry['module']['kl'] - entry[n]['kl']) / gap:.0f} %" if gap and entry.get(n) else "–")
             lines.append(f"| {subset.replace('_', ' ')} | {entry['rows']} | " + " | ".join(cells) + " |")
+    lines += ["", "| rows | n (windows) | b − a | KL difference [95 % interval] | top-1 difference [95 % interval] |", "|---|---|---|---|---|"]
+    for subset, entry in comparison.items():
+        if "train_count" in subset or subset.startswith("uncovered") or not entry["rows"]:
+            continue
+        for d in entry.get("differences", []):
+            kl, top1 = d["kl"], d["top1"]
+            lines.append(f"| {subset.replace('_', ' ')} | {entry['rows']} ({entry['windows']}) | {_label(d['b'])} − {_label(d['a'])} | "
+                         f"{kl['mean']:+.3f} [{kl['ci95'][0]:+.3f}, {kl['ci95'][1]:+.3f}] | "
+                         f"{100 * top1['mean']:+.1f} [{100 * top1['ci95'][0]:+.1f}, {100 * top1['ci95'][1]:+.1f}] points |")
     return "\n".join(lines) + "\n"
