@@ -163,6 +163,13 @@ def test_measure_ceiling_end_to_end_and_resume(toy, tmp_path):
     again = measure_ceiling(cfg, data, log=logged.append)
     assert sum("skipped" in line for line in logged) == 4
     assert again["variants"] == json.loads(json.dumps(v))
+    # an oracle interrupted after its batches were checkpointed resumes from them
+    on_disk["variants"].pop("oracle")
+    (tmp_path / "ceiling.json").write_text(json.dumps(on_disk))
+    logged = []
+    resumed = measure_ceiling(cfg, data, log=logged.append)
+    assert "oracle: running" in logged and not any("oracle batch" in line for line in logged)
+    assert resumed["variants"]["oracle"]["all"] == v["oracle"]["all"]
     # other settings: one clear error, not a silent mix
     with pytest.raises(CeilingError, match="oracle_lr"):
         measure_ceiling(config(tmp_path, oracle_lr=1e-2), data, log=lambda *_: None)

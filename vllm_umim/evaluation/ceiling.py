@@ -705,7 +705,7 @@ def _run_oracle(config: CeilingConfig, model, heldout: Split, module_of, scratch
     for i, batch in enumerate(heldout.batches):
         path = scratch / f"oracle-batch{i}.pt"
         if path.exists():
-            saved = torch.load(path)
+            saved = torch.load(path, weights_only=False)  # this run's own checkpoint (numpy rows)
             if saved["settings"] == variant_settings(config, "oracle"):
                 parts.append(saved["rows"]), curves.append(saved["curve"]), reasons.append(saved["reason"])
                 continue
