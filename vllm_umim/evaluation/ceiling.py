@@ -813,7 +813,8 @@ LABELS = {"module": "(a) module", "oracle": "(b) oracle", "rule": "(c) per rule"
 
 
 def _label(name: str) -> str:
-    return LABELS.get(name) or (f"(d) per (k={context_size(name)} tokens, rule)" if context_size(name) else name)
+    k = context_size(name)
+    return LABELS.get(name) or (f"(d) per ({k} preceding token{'s' if k > 1 else ''}, rule)" if k else name)
 
 
 def _cell(entry: dict | None) -> str:
