@@ -52,6 +52,11 @@ class FidelityArgumentError(UmimError):
     """A ``--variant`` / ``--engine-option`` that is not ``NAME=JSON``, or an unusable cached bf16 line."""
 
 
+class CeilingError(UmimError):
+    """A ceiling measurement cannot run as configured (bad settings, or an output file written with
+    other settings)."""
+
+
 class AlignmentError(RuntimeError):
     """A segmentation, or the teacher/student rows of a batch, disagree (App. C: never align
     silently). An internal consistency error, not bad user input."""

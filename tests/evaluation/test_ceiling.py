@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import make_ruleset, tiny_llama
+from vllm_umim.errors import CeilingError
 from vllm_umim.evaluation.ceiling import (
     CeilingConfig,
     CeilingData,
-    CeilingError,
     Split,
     Table,
     evaluate,

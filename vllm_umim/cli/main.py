@@ -15,6 +15,7 @@ import sys
 from vllm_umim.cli import (
     bench,
     bench_pair,
+    ceiling,
     demo,
     evaluate,
     fetch_corpus,
@@ -32,7 +33,7 @@ from vllm_umim.cli import (
 from vllm_umim.errors import UmimError
 
 COMMANDS = (fetch_model, fetch_corpus, training_mix, mine, inspect_rules, generate, demo, train, teacher_cache, evaluate,
-            fidelity, score_rules, select_rules, bench, bench_pair)
+            fidelity, score_rules, select_rules, ceiling, bench, bench_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:

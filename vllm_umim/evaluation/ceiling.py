@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vllm_umim.errors import UmimError
+from vllm_umim.errors import CeilingError
 from vllm_umim.evaluation.alignment import reciprocal_ranks, top1_matches, topk_overlaps, topp_overlaps
 from vllm_umim.files import write_bytes_atomic
 from vllm_umim.module.batches import Batch, collate, segment, student_embeddings
@@ -47,11 +47,6 @@ from vllm_umim.policies import Segmentation
 
 ROW_METRICS = ("kl", "top1", "top3", "top10", "topp", "mrr")
 FIXED_VARIANTS = ("module", "rule", "oracle")
-
-
-class CeilingError(UmimError):
-    """A ceiling measurement cannot run as configured (bad settings, or an output file written with
-    other settings)."""
 
 
 @dataclass(frozen=True)
@@ -64,30 +59,32 @@ class CeilingConfig:
     per-rule vectors).
     """
 
-    model: str
-    rules: str
-    module: str
-    heldout_corpus: str
-    train_corpus: str
-    out: str
-    scratch_dir: str
-    variants: tuple[str, ...] = ("module", "rule", "context1", "oracle")
-    seq_len: int = 64
-    heldout_windows: int = 96
-    train_windows: int = 512
-    val_windows: int = 32  # from the training corpus, disjoint from the fitted windows: picks the epoch
-    batch_windows: int = 8
-    seed: int = 0
-    oracle_lr: float = 3e-3
-    oracle_max_steps: int = 100
-    oracle_patience: int = 10  # stop once the best loss fell less than oracle_tol (relative) in this many steps
-    oracle_tol: float = 0.01
-    fit_lr: float = 3e-3
-    rule_epochs: int = 4
-    context_epochs: int = 3
-    min_train_count: int = 1  # a rule / context gets a vector when seen this often in training
-    train_selection: str = "cover"  # "cover": windows holding the held-out keys (select_training_windows); "random"
-    threads: int | None = 1
+    model: str = field(metadata={"help": "model folder (frozen teacher and student)"})
+    rules: str = field(metadata={"help": "rules file"})
+    module: str = field(metadata={"help": "merge module file: variant (a) and the starting point of the others"})
+    heldout_corpus: str = field(metadata={"help": "held-out text, one document per line (the windows scored)"})
+    train_corpus: str = field(metadata={"help": "training text, one document per line (the windows the per-rule and per-context vectors are fitted on)"})
+    out: str = field(metadata={"help": "result JSON (rewritten after each variant; a rerun skips finished variants)"})
+    scratch_dir: str = field(metadata={"help": "per-row metrics, fitted vectors and oracle checkpoints (not results to commit)"})
+    variants: tuple[str, ...] = field(default=("module", "rule", "context1", "oracle"), metadata={
+        "help": "variants in order, comma-separated: module, rule, context<k>, oracle", "type": lambda s: tuple(s.split(","))})
+    seq_len: int = field(default=64, metadata={"help": "tokens per window"})
+    heldout_windows: int = field(default=96, metadata={"help": "held-out windows scored"})
+    train_windows: int = field(default=512, metadata={"help": "training windows the tables are fitted on"})
+    val_windows: int = field(default=32, metadata={"help": "training-corpus windows, disjoint from the fitted ones, that pick the epoch"})
+    batch_windows: int = field(default=8, metadata={"help": "windows per optimisation batch"})
+    seed: int = field(default=0, metadata={"help": "window choice and order"})
+    oracle_lr: float = field(default=3e-3, metadata={"help": "Adam learning rate of the per-occurrence oracle"})
+    oracle_max_steps: int = field(default=100, metadata={"help": "oracle steps per batch at most"})
+    oracle_patience: int = field(default=10, metadata={"help": "stop the oracle once its best loss fell less than --oracle-tol (relative) in this many steps"})
+    oracle_tol: float = field(default=0.01, metadata={"help": "relative improvement the oracle's patience asks for"})
+    fit_lr: float = field(default=3e-3, metadata={"help": "learning rate of the per-rule and per-context tables"})
+    rule_epochs: int = field(default=4, metadata={"help": "epochs of the per-rule table"})
+    context_epochs: int = field(default=3, metadata={"help": "epochs of the per-context tables"})
+    min_train_count: int = field(default=1, metadata={"help": "a rule or context gets a vector when seen this often in training"})
+    train_selection: str = field(default="cover", metadata={
+        "help": "cover: training windows that hold the held-out keys (select_training_windows); random", "choices": ("cover", "random")})
+    threads: int | None = field(default=1, metadata={"help": "torch threads"})
 
     def __post_init__(self):
         for name in self.variants:
