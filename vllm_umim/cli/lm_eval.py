@@ -84,3 +84,18 @@ def run(args) -> None:
     results = run_lm_eval(build_config(args))
     print(render_table(results))
     print(f"wrote {args.output_dir / 'results.json'} and {args.output_dir / 'results.md'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vllm_umim.cli.lm_eval lm-eval ...``: the subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="python -m vllm_umim.cli.lm_eval")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UmimError as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import time
 from collections import Counter
@@ -42,6 +43,7 @@ PRIMARY_METRIC = {**{t: "acc" for t in MULTIPLE_CHOICE}, **{t: "exact_match" for
 REFERENCE = "stock-fp32"
 LOGLIKELIHOOD_WINDOW = 64  # longest continuation a UMIM engine keeps raw (its max_window)
 FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 class LmEvalTaskError(UmimError):
@@ -92,8 +94,9 @@ class LmEvalConfig:
 
 
 # ---- the lm-eval model ---------------------------------------------------------------------------
-def _register_model():
-    """Define and register ``UmimVLLM`` (lazily: lm-eval and vLLM are imported only to run)."""
+def umim_vllm_class():
+    """``UmimVLLM``, defined and registered with lm-eval as ``vllm-umim`` on first use (lm-eval and
+    vLLM are imported only to run)."""
     global UmimVLLM
     if "UmimVLLM" in globals():
         return UmimVLLM
@@ -238,7 +241,7 @@ def _finished(path: Path, spec: dict) -> bool:
 
 
 def _make_lm(config: LmEvalConfig, system: System):
-    cls = _register_model()
+    cls = umim_vllm_class()
     return cls(pretrained=str(config.model), umim=system.umim, dtype=system.dtype, max_model_len=config.max_model_len,
                enforce_eager=config.enforce_eager, seed=config.seed, loglikelihood_window=config.loglikelihood_window,
                batch_size="auto", **config.engine_args)
@@ -287,6 +290,7 @@ def run_lm_eval(config: LmEvalConfig) -> dict:
                     record = evaluate_task(lm, task, load_task(task, manager), config.task_limit(task))
                 except Exception as e:  # noqa: BLE001 - reported with the task's name once the others finished
                     failures.append(f"{system.name}/{task}: {type(e).__name__}: {e}")
+                    logger.error("lm-eval: %s failed (the run goes on): %s", failures[-1], e)
                     continue
                 record = {"spec": _spec(config, system, task), "seconds": round(time.perf_counter() - started, 1), **record}
                 path = item_path(output_dir, system.name, task)
