@@ -54,7 +54,11 @@ def requested_settings(request: Request, config: UmimConfig) -> MergeSettings | 
     if params is None or request.prompt_token_ids is None or request.prompt_embeds is not None:
         return None
     choice = (params.extra_args or {}).get("umim")
-    if request.resumable or request.mm_features or (params.prompt_logprobs is not None and choice is None):
+    if request.resumable or request.mm_features:
+        return None
+    if params.prompt_logprobs is not None and choice is None:
+        logger.warning_once("requests asking for prompt logprobs without extra_args['umim'] are served unmerged: a "
+                            "log-likelihood evaluation through them measures stock vLLM (see vllm_umim.evaluation.harness)")
         return None
     try:
         return config.request_settings(True if choice is None else choice)
