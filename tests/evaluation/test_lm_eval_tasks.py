@@ -131,7 +131,7 @@ def test_summary_pairs_items_and_marks_unmerged_requests(tmp_path):
     assert point["paired_vs_reference"]["estimate"] == -0.25 and point["paired_vs_reference"]["b_only"] == 1
     assert point["merge"]["prompt_token_reduction"] == 0.2
     table = render_table(results)
-    assert "| arc_easy | acc | 4 | 50.0 [" in table and "+25.0 [" in table
+    assert "| arc_easy | acc | 4 | 50.0 [" in table and "+25.0 [" in table and "(1↑ 0↓, p=1)" in table
     assert "† balanced on arc_easy: 1 of 16 requests served unmerged" in table
     assert "| arc_easy | balanced | 15/16 | 20.0 % |" in table
 

@@ -52,3 +52,12 @@ def test_identical_systems_and_bad_input():
         paired_difference([1.0], [1.0, 0.0])
     with pytest.raises(ValueError):
         accuracy_interval([])
+
+
+def test_sign_test_exact_values():
+    from vllm_umim.evaluation.paired import sign_test
+
+    assert sign_test(0, 4) == 0.125  # 2 * (1/2)^4
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
+    assert paired_difference([0.0] * 4 + [1.0] * 96, [1.0] * 100).p_value == 0.125

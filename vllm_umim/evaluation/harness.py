@@ -387,12 +387,13 @@ def render_table(results: dict) -> str:
             entry = row["systems"].get(system, {})
             d = entry.get("paired_vs_reference")
             cells.append("—" if d is None else f"{_signed(d['estimate'])} [{_signed(d['low'])}, {_signed(d['high'])}] "
-                         f"({d['a_only']}↑ {d['b_only']}↓)")
+                         f"({d['a_only']}↑ {d['b_only']}↓, p={d['p_value']:.2g})")
         lines.append("| " + " | ".join(cells) + " |")
     merged = [(row["task"], s, row["systems"][s]["merge"]) for row in results["tasks"] for s in systems
               if s in row["systems"] and row["systems"][s]["umim"] is not None]
     text = ("Accuracy in % [95 % interval, Wilson]; differences in points on the same items [95 % interval, "
-            "normal approximation on per-item differences] (items better ↑ / worse ↓ than the reference).\n\n")
+            "normal approximation on per-item differences] (items better ↑ / worse ↓ than the reference, p: exact "
+            "two-sided sign test on those items; with few of them, read p rather than the interval).\n\n")
     text += "\n".join(lines) + "\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"

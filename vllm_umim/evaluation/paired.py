@@ -6,7 +6,9 @@ Two systems scored on the *same* items differ by the mean of the per-item differ
 ``d_i = a_i - b_i``; its interval is the normal approximation on those differences,
 ``mean(d) ± z · sd(d) / sqrt(n)`` — the paired statistic, much narrower than the two accuracies'
 intervals when the systems agree on most items (McNemar's setting: only the discordant items
-carry variance). ``discordant`` reports those items both ways.
+carry variance). ``a_only`` / ``b_only`` report those items both ways, and ``p_value`` is the
+exact two-sided sign test on them (McNemar's exact test for 0/1 scores): with few discordant items
+the normal interval is only approximate, and the exact test is the one to read.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class PairedDifference:
     n: int
     a_only: int
     b_only: int
+    p_value: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,4 +70,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) ->
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
     half = z * math.sqrt(var / n)
-    return PairedDifference(mean, mean - half, mean + half, n, sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b)))
+    a_only, b_only = sum(x > y for x, y in zip(a, b)), sum(x < y for x, y in zip(a, b))
+    return PairedDifference(mean, mean - half, mean + half, n, a_only, b_only, sign_test(a_only, b_only))
+
+
+def sign_test(a_only: int, b_only: int) -> float:
+    """Exact two-sided p-value that items go either way with probability 1/2 (McNemar's exact test)."""
+    total = a_only + b_only
+    if total == 0:
+        return 1.0
+    tail = sum(math.comb(total, k) for k in range(min(a_only, b_only) + 1)) / 2**total
+    return min(1.0, 2 * tail)
