@@ -147,3 +147,10 @@ def test_finished_items_are_skipped_only_with_the_same_settings(tmp_path):
     assert not harness._finished(path, harness._spec(harness.LmEvalConfig(model="m", output_dir=tmp_path, limit=6), system, "arc_easy"))
     path.write_text("{trunc")
     assert not harness._finished(path, spec)
+
+
+def test_results_cover_item_files_of_earlier_runs(tmp_path):
+    _write_items(tmp_path, REFERENCE, "gsm8k", [0], [1.0])
+    _write_items(tmp_path, "max", "arc_easy", [0], [1.0])
+    systems, tasks = harness._everything_present(tmp_path, [REFERENCE, "balanced"], ("arc_easy",))
+    assert systems == [REFERENCE, "balanced", "max"] and tasks == ("arc_easy", "gsm8k")

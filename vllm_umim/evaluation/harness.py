@@ -300,7 +300,7 @@ def run_lm_eval(config: LmEvalConfig) -> dict:
             lm.shutdown()
             del lm
             gc.collect()
-    results = summarize(output_dir, [s.name for s in systems], config.tasks)
+    results = summarize(output_dir, *_everything_present(output_dir, [s.name for s in systems], config.tasks))
     write_bytes_atomic((json.dumps(results, indent=1) + "\n").encode(), output_dir / "results.json")
     write_bytes_atomic(render_table(results).encode(), output_dir / "results.md")
     if failures:
@@ -309,6 +309,16 @@ def run_lm_eval(config: LmEvalConfig) -> dict:
 
 
 # ---- summary -------------------------------------------------------------------------------------
+def _everything_present(output_dir: Path, systems: list[str], tasks: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """This run's systems and tasks, then those earlier runs left in ``output_dir``: the results
+    files always cover every item file there."""
+    items = output_dir / "items"
+    present = sorted(p.name for p in items.iterdir() if p.is_dir()) if items.is_dir() else []
+    systems = systems + [s for s in present if s not in systems]
+    files = {p.stem for s in systems for p in (items / s).glob("*.json")} if items.is_dir() else set()
+    return systems, tuple(tasks) + tuple(t for t in PRIMARY_METRIC if t in files and t not in tasks)
+
+
 def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]) -> dict:
     """Accuracies and paired differences to ``REFERENCE`` from the item files present."""
     output_dir = Path(output_dir)
@@ -327,7 +337,7 @@ def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]
         ref_scores = dict(zip(reference["doc_ids"], reference["scores"][metric])) if reference else None
         for system, record in records.items():
             scores = record["scores"][metric]
-            entry = {"accuracy": accuracy_interval(scores).to_dict(), "merge": _merge_figures(record["merge"]),
+            entry = {"accuracy": accuracy_interval(scores).to_dict(), "merge": _merge_figures(record["merge"]), "limit": record["spec"].get("limit"),
                      "seconds": record["seconds"], "umim": record["spec"]["system"]["umim"], "dtype": record["spec"]["system"]["dtype"]}
             for other in sorted(set(record["scores"]) - {metric}):
                 entry[other] = accuracy_interval(record["scores"][other]).to_dict()
