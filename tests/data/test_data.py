@@ -72,7 +72,7 @@ def test_split_rule_is_the_documented_hash():
     assert is_heldout("3C 273")
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", [*sorted(TASKS), "mmlu"])
 def test_qa_task_loads_with_valid_labels(task):
     items = load_task(task)
     assert len(items) >= 100
@@ -96,7 +96,7 @@ def test_qa_formats_follow_olmo_eval():
 
 def test_qa_errors_name_the_problem():
     with pytest.raises(DataError, match="unknown task"):
-        load_task("hellaswag")
+        load_task("lambada")
     with pytest.raises(DataError, match="no split 'test'.*validation"):
         load_task("piqa", split="test")
 
@@ -157,3 +157,42 @@ def test_read_documents_jsonl_names_file_and_line_of_a_bad_record(tmp_path, bad_
     with pytest.raises(DataError, match=problem) as info:
         read_documents(path)
     assert str(path) in str(info.value)
+
+
+def test_added_tasks_follow_lm_eval_formats():
+    hellaswag = load_task("hellaswag", limit=1)[0]
+    assert hellaswag.context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hellaswag.choices[hellaswag.label] == " starts pulling up roofing on a roof."
+    sciq = load_task("sciq", limit=1)[0]
+    assert sciq.context.endswith("\nQuestion: Who proposed the theory of evolution by natural selection?\nAnswer:")
+    assert sciq.label == 3 and sciq.choices[3] == " darwin"
+    boolq = load_task("boolq", limit=1)[0]
+    assert boolq.choices == [" no", " yes"] and boolq.label == 0 and boolq.context.endswith("?\nAnswer:")
+    mmlu = load_task("mmlu", limit=16)
+    assert len(load_task("mmlu")) == 3049 and all(len(i.choices) == 4 for i in mmlu)
+    assert len({i.context for i in mmlu[:8]}) == 8  # the first 8 items come from the 8 subjects
+
+
+def test_winogrande_is_partial_scoring():
+    from vllm_umim.data.qa import load_winogrande
+
+    items = load_winogrande()
+    assert len(items) == 1267
+    first = items[0]
+    assert first.contexts == ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]
+    assert first.continuation == " always got the easier cases." and first.label == 1
+
+
+def test_open_qa_and_gsm8k_prompts():
+    from vllm_umim.data.qa import load_gsm8k_prompts, load_open_qa
+
+    nq = load_open_qa("nq_open")
+    assert len(nq) == 3610 and nq[0].prompt.count("Question:") == 6 and nq[0].prompt.endswith(
+        "Question: when was the last time anyone was on the moon\nAnswer:")
+    trivia = load_open_qa("trivia_qa", limit=2)
+    assert trivia[0].prompt.count("Question:") == 6 and "Sunset Boulevard" in trivia[0].prompt  # item 0 is a shot
+    assert len(load_open_qa("trivia_qa")) == 7993 - 5
+    gsm8k = load_gsm8k_prompts()
+    assert len(gsm8k) == 1319 and gsm8k[0].answers == ["18"] and gsm8k[0].prompt.count("So the answer is") == 8
+    with pytest.raises(DataError, match="unknown open QA task"):
+        load_open_qa("squad")

@@ -23,6 +23,7 @@ from vllm_umim.cli import (
     fidelity,
     generate,
     inspect_rules,
+    lm_eval,
     mine,
     score_rules,
     select_rules,
@@ -33,7 +34,7 @@ from vllm_umim.cli import (
 from vllm_umim.errors import UmimError
 
 COMMANDS = (fetch_model, fetch_corpus, training_mix, mine, inspect_rules, generate, demo, train, teacher_cache, evaluate,
-            fidelity, score_rules, select_rules, ceiling, bench, bench_pair)
+            fidelity, lm_eval, score_rules, select_rules, ceiling, bench, bench_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,8 @@ prompt when a request is added and appends every sampled token. With UMIM the ro
 * ``_sample`` / ``sample_tokens``: when the scheduler asks (a confidence-gated request is running),
   send back the probability of each sampled token under the model's own distribution, on the
   ``ModelRunnerOutput`` as ``umim_confidences``;
+* ``_get_prompt_logprobs_dict``: prompt logprobs of a merged prompt, a merged span's row marked
+  NaN (never a number for a token that was not scored);
 * request states report their compressed length as ``num_tokens`` (``UmimRequestState``), which
   vLLM uses to decide whether a step samples.
 
@@ -130,6 +132,35 @@ class UmimModelRunnerMixin:
         if self.umim_step_confidences is not None:
             output.umim_confidences = self.umim_step_confidences
         return output
+
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        """Prompt logprobs of merged prompts (one row per compressed position, see
+        ``vllm_umim.engine.scheduler.requested_settings``): vLLM gathers each row's target from
+        the prompt ids, and a merged span's virtual id lies past the vocabulary. Its rows are
+        computed with a stand-in target and then marked: logprob NaN, rank -1, token id the
+        stand-in (0). The top-k columns stay the model's distribution at that position; a raw
+        target's row is exactly what vLLM computes."""
+        base = getattr(self, "umim_virtual_base", None)
+        swapped = {}
+        for req_id in self.num_prompt_logprobs:
+            request = self.requests.get(req_id)
+            ids = None if request is None else request.prompt_token_ids
+            if base is not None and ids is not None and max(ids, default=0) >= base:
+                swapped[req_id] = ids
+                request.prompt_token_ids = [0 if i >= base else i for i in ids]
+        try:
+            result = super()._get_prompt_logprobs_dict(hidden_states, num_scheduled_tokens)
+        finally:
+            for req_id, ids in swapped.items():
+                self.requests[req_id].prompt_token_ids = ids
+        for req_id, ids in swapped.items():
+            tensors = result.get(req_id)
+            if tensors is None:
+                continue
+            merged = torch.tensor([i >= base for i in ids[1:]], dtype=torch.bool)
+            tensors.logprobs[merged, 0] = float("nan")
+            tensors.selected_token_ranks[merged] = -1
+        return result
 
     def _write_row(self, row: int, req_state: UmimRequestState) -> None:
         tail = req_state.compressed_tail()

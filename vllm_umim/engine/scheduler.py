@@ -40,16 +40,28 @@ def requested_settings(request: Request, config: UmimConfig) -> MergeSettings | 
 
     ``extra_args={"umim": False}`` opts out; ``True``, a mode or a dict of settings chooses (read
     and checked in the API process, ``vllm_umim.engine.patches``). Requests merging cannot serve
-    run unmerged: prompt embeddings, multi-modal or streaming input, and prompt logprobs (which
-    are per raw prompt token).
+    run unmerged: prompt embeddings, multi-modal or streaming input.
+
+    Prompt logprobs: a request asking for them is served unmerged unless its ``extra_args`` name
+    ``"umim"`` explicitly. Merged, its prompt logprobs follow the *compressed* prompt (one row per
+    position, fewer rows than raw tokens): a row whose target is a merged span carries NaN
+    (``UmimModelRunnerMixin._get_prompt_logprobs_dict``), a raw target its true logprob. With a raw
+    window of at least the scored continuation's length, the last rows are exactly the
+    continuation's tokens (what ``vllm_umim.evaluation.lm_eval`` reads). Callers that index rows by
+    raw prompt position (stock lm-eval) would misalign, hence the explicit opt-in.
     """
     params = request.sampling_params
     if params is None or request.prompt_token_ids is None or request.prompt_embeds is not None:
         return None
-    if request.resumable or request.mm_features or params.prompt_logprobs is not None:
+    choice = (params.extra_args or {}).get("umim")
+    if request.resumable or request.mm_features:
+        return None
+    if params.prompt_logprobs is not None and choice is None:
+        logger.warning_once("requests asking for prompt logprobs without extra_args['umim'] are served unmerged: a "
+                            "log-likelihood evaluation through them measures stock vLLM (see vllm_umim.evaluation.harness)")
         return None
     try:
-        return config.request_settings((params.extra_args or {}).get("umim", True))
+        return config.request_settings(True if choice is None else choice)
     except UmimError as e:  # only reachable by a caller that bypassed the API process' check
         logger.warning("request %s served unmerged: %s", request.request_id, e)
         return None

@@ -1,0 +1,37 @@
+"""``vllm-umim lm-eval`` argument handling."""
+
+import pytest
+
+from vllm_umim.cli import lm_eval as cli
+from vllm_umim.cli.main import build_parser
+from vllm_umim.errors import UmimError
+
+POINT = "artifacts/smollm2-135m/balanced"
+
+
+def _parse(argv):
+    return build_parser().parse_args(["lm-eval", "--model", "m", "--output-dir", "out", *argv])
+
+
+def test_systems_tasks_and_limits():
+    args = _parse(["--point", POINT, "--umim", 'w8={"rules": "r.bin", "mode": "prompt", "window": 8}', "--tasks", "arc_easy,gsm8k",
+                   "--limit", "200", "--task-limit", "gsm8k=100"])
+    assert args.func is cli.run
+    config = cli.build_config(args)
+    assert [s.name for s in config.systems] == ["stock-fp32", "stock-bf16", "balanced", "w8"]
+    assert [s.dtype for s in config.systems] == ["float32", "bfloat16", "float32", "float32"]
+    assert config.systems[2].umim == {"rules": POINT} and config.systems[3].umim["window"] == 8
+    assert config.tasks == ("arc_easy", "gsm8k") and config.task_limit("arc_easy") == 200 and config.task_limit("gsm8k") == 100
+    assert config.enforce_eager and [s.name for s in cli.build_config(_parse(["--no-bf16"])).systems] == ["stock-fp32"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--point", "no/such/folder"], "no such folder"),
+    (["--umim", "w8"], "NAME=VALUE"),
+    (["--umim", "w8={rules"], "not JSON"),
+    (["--umim", 'w8={"window": 8}'], "needs a JSON object"),
+    (["--task-limit", "gsm8k=many"], "TASK=INTEGER"),
+])
+def test_bad_arguments_are_one_clear_error(argv, message):
+    with pytest.raises(UmimError, match=message):
+        cli.build_config(_parse(argv))
