@@ -57,6 +57,14 @@ class CeilingError(UmimError):
     other settings)."""
 
 
+class LmEvalTaskError(UmimError):
+    """An lm-eval task could not be defined or run; the message names it."""
+
+
+class StatisticsError(UmimError):
+    """Scores that cannot be summarized: none at all, or paired scores over different items."""
+
+
 class AlignmentError(RuntimeError):
     """A segmentation, or the teacher/student rows of a batch, disagree (App. C: never align
     silently). An internal consistency error, not bad user input."""

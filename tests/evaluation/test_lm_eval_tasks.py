@@ -9,12 +9,11 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from vllm_umim.errors import UmimError  # noqa: E402
+from vllm_umim.errors import LmEvalTaskError, UmimError  # noqa: E402
 from vllm_umim.evaluation import harness  # noqa: E402
 from vllm_umim.evaluation.harness import (  # noqa: E402
     DEFAULT_TASKS,
     REFERENCE,
-    LmEvalTaskError,
     continuation_logprob,
     load_task,
     render_table,

@@ -119,7 +119,7 @@ def _sciq(row: dict) -> tuple[str, list[str], int]:
 def _boolq(row: dict) -> tuple[str, list[str], int]:
     answer = row["answer"]
     if not isinstance(answer, bool):
-        raise ValueError(f"answer {answer!r} is not a bool")
+        raise TypeError(f"answer {answer!r} is not a bool")
     return row["passage"] + "\nQuestion: " + row["question"] + "?\nAnswer:", ["no", "yes"], int(answer)
 
 

@@ -238,6 +238,11 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            "engine/model_runner.py",
            "When asked, the probability of each sampled token under the model's own distribution (softmax of "
            "the logits before the sampler edits them), for confidence-gated policies."),
+        _r("GPUModelRunner._get_prompt_logprobs_dict", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '889fdb068dfc',
+           "engine/model_runner.py",
+           "Prompt logprobs of a merged prompt: vLLM gathers each row's target from the prompt ids, and a merged "
+           "span's virtual id lies past the vocabulary, so such rows are computed with a stand-in target and "
+           "marked (logprob NaN, rank -1); a raw target's row is vLLM's own."),
         _r("GPUModelRunner.sample_tokens", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '047e6a4738de',
            "engine/model_runner.py", "Puts those probabilities on the `ModelRunnerOutput`.",
            needles=("sampler_output = self._sample(logits, spec_decode_metadata)",)),

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vllm_umim.errors import UmimError
+from vllm_umim.errors import LmEvalTaskError, UmimError
 from vllm_umim.evaluation.paired import accuracy_interval, paired_difference
 from vllm_umim.files import write_bytes_atomic
 
@@ -44,10 +44,6 @@ REFERENCE = "stock-fp32"
 LOGLIKELIHOOD_WINDOW = 64  # longest continuation a UMIM engine keeps raw (its max_window)
 FORMAT_VERSION = 1
 logger = logging.getLogger(__name__)
-
-
-class LmEvalTaskError(UmimError):
-    """A task could not be defined or run; the message names it."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from vllm_umim.errors import StatisticsError
 
 Z95 = 1.959963984540054
 
@@ -35,7 +36,7 @@ def accuracy_interval(scores: Sequence[float], z: float = Z95) -> Interval:
     """Mean of ``scores`` with Wilson's score interval (exact for 0/1 scores)."""
     n = len(scores)
     if n == 0:
-        raise ValueError("no scores")
+        raise StatisticsError("no scores")
     p = sum(scores) / n
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -62,10 +63,10 @@ class PairedDifference:
 def paired_difference(a: Sequence[float], b: Sequence[float], z: float = Z95) -> PairedDifference:
     """Difference of two systems' scores on the same items (``a[i]`` and ``b[i]`` are one item)."""
     if len(a) != len(b):
-        raise ValueError(f"paired scores need the same items: {len(a)} vs {len(b)}")
+        raise StatisticsError(f"paired scores need the same items: {len(a)} vs {len(b)}")
     n = len(a)
     if n == 0:
-        raise ValueError("no scores")
+        raise StatisticsError("no scores")
     d = [x - y for x, y in zip(a, b)]
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
