@@ -68,7 +68,7 @@ def test_install_pinned_wheels_installs_only_what_is_missing(monkeypatch):
     calls = []
     monkeypatch.setattr(cache, "_is_installed", lambda dist: dist in installed)
     monkeypatch.setattr(cache, "installed_version", lambda dist: installed[dist])
-    monkeypatch.setattr(cache, "_pip_install", lambda dist, version: calls.append((dist, version)))
+    monkeypatch.setattr(cache, "_pip_install", lambda dist, version: (calls.append((dist, version)), installed.update({dist: version})))
     cache.install_pinned_wheels()
     assert calls == [(missing, dict(PINNED_WHEELS.keys())[missing])]
     installed[missing] = "0.0.0"

