@@ -75,3 +75,23 @@ def test_stops_at_eos(tiny_model):
     first = runtime.generate(PROMPT, max_new_tokens=4).output_token_ids
     result = runtime.generate(PROMPT, max_new_tokens=10, eos_token_ids=(first[1],))
     assert result.output_token_ids == first[: first.index(first[1]) + 1] and result.finish_reason == "stop"
+
+
+def test_context_module_decoding_equals_recomputation(tiny_model):
+    """A context-aware module (module/context.py) reads the raw tokens before each span, also
+    after decode merges and KV rollbacks: cached decoding equals recomputation from scratch."""
+    plain = ReferenceRuntime(tiny_model, make_ruleset([]), None).generate(PROMPT, max_new_tokens=16)
+    out = plain.output_token_ids
+    rules = make_ruleset([(9, 17)] + [tuple(out[i : i + 2]) for i in range(0, 12, 3)])
+    module = trained_like_module(32).with_context(5)
+    torch.nn.init.normal_(module.context.mix_out.weight, std=0.3)
+    runtime = ReferenceRuntime(tiny_model, rules, module, dynamic=True)
+    result = runtime.generate(PROMPT, max_new_tokens=16)
+    assert result.prefill_merges == 2 and result.decode_merges > 0
+    free = ReferenceRuntime(tiny_model, rules, trained_like_module(32), dynamic=True)
+    assert not torch.equal(runtime.embed(result.elements), free.embed(result.elements))  # context changes surrogates
+    elements = merge_prompt(PROMPT, GreedyLongestMatch(rules))
+    for step, token in enumerate(result.output_token_ids):
+        assert greedy_without_cache(runtime, elements) == token, f"step {step}"
+        partial = replay_merges(PROMPT, result.output_token_ids[: step + 2], GreedyLongestMatch(rules), True)
+        elements = partial.elements[:-1]

@@ -25,6 +25,7 @@ from vllm_umim.cli import (
     inspect_rules,
     lm_eval,
     mine,
+    readers,
     score_rules,
     select_rules,
     teacher_cache,
@@ -34,7 +35,7 @@ from vllm_umim.cli import (
 from vllm_umim.errors import UmimError
 
 COMMANDS = (fetch_model, fetch_corpus, training_mix, mine, inspect_rules, generate, demo, train, teacher_cache, evaluate,
-            fidelity, lm_eval, score_rules, select_rules, ceiling, bench, bench_pair)
+            fidelity, lm_eval, score_rules, select_rules, ceiling, readers, bench, bench_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import hashlib
 from functools import lru_cache
 
 from vllm_umim.engine.config import UmimConfig
+from vllm_umim.errors import OptionError
 from vllm_umim.module import model_identity, resolve_module
 from vllm_umim.rules import RuleSet, load_rules
 
@@ -27,6 +28,10 @@ def load_engine_module(config: UmimConfig, hf_config, rules: RuleSet):
         model=model_identity(hf_config),
         tokenizer_fingerprint=rules.tokenizer_fingerprint,
     )
+    if module.config.context_tokens:
+        raise OptionError(f"merge module {config.module_path()} reads {module.config.context_tokens} tokens before each span "
+                          "(a context-aware module): the engine serves context-free modules only; measure it with "
+                          "`vllm-umim eval` or the reference runtime (`vllm-umim generate --engine reference`)")
     return module
 
 

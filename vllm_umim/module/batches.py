@@ -33,12 +33,13 @@ import torch
 
 from vllm_umim.data.model import bos_prefix  # re-exported: windows and prompts start with it
 from vllm_umim.errors import AlignmentError
+from vllm_umim.module.context import context_windows
 from vllm_umim.policies import GreedyLongestMatch, Segmentation
 from vllm_umim.rules import RuleSet
 from vllm_umim.rules.ruleset import MAX_SPAN
 
 __all__ = ["AlignmentError", "Batch", "Segmentation", "check_alignment", "bos_prefix", "collate", "corpus_windows", "segment",
-           "student_embeddings"]
+           "span_context", "student_embeddings"]
 
 
 def segment(windows: list[list[int]], rules: RuleSet) -> list[Segmentation]:
@@ -158,9 +159,29 @@ def student_embeddings(batch: Batch, embedding: torch.nn.Embedding, module) -> t
         spans = embeds[merged]  # [S, 4, d]
         lengths = batch.element_lengths[merged]
         mod_dtype = next(module.parameters()).dtype
-        surrogate = module(spans.to(mod_dtype), lengths, batch.element_tokens[merged]).to(out.dtype)
+        context = span_context(batch, embedding, _context_tokens(module), mod_dtype)
+        surrogate = module(spans.to(mod_dtype), lengths, batch.element_tokens[merged], context=context).to(out.dtype)
         out = out.masked_scatter(merged[..., None], surrogate)
     return out * batch.attention_mask[..., None].to(out.dtype)
+
+
+def _context_tokens(module) -> int:
+    module = getattr(module, "module", module)  # DDP
+    return module.config.context_tokens
+
+
+def span_context(batch: Batch, embedding: torch.nn.Embedding, k: int, dtype=None):
+    """(embeds [S, k, d], lengths [S]) of the ``k`` raw tokens before each merged span of the batch
+    (row-major, the order of ``merged_mask``), or None for ``k = 0``: what a context-aware module
+    reads (:mod:`~vllm_umim.module.context`)."""
+    if not k:
+        return None
+    merged = batch.merged_mask
+    rows = merged.nonzero(as_tuple=True)[0]
+    starts = batch.last_index[merged] - batch.element_lengths[merged] + 1
+    tokens, lengths = context_windows(batch.raw_ids, starts, rows, k)
+    embeds = embedding(tokens.clamp(min=0))
+    return (embeds.to(dtype) if dtype is not None else embeds), lengths
 
 
 def corpus_windows(

@@ -9,8 +9,11 @@ with a learnable query ``Q = [q_1; …; q_h] ∈ R^d`` split over h heads — d 
 goes through an MLP + GELU + LayerNorm "token processor", whose output serves as both keys and
 values of the pooling, followed by the output projection.
 
-The module sees only static embeddings, never the LM's hidden states, so a span's surrogate does
+The module sees only static embeddings, never the LM's hidden states, so the paper's surrogate does
 not depend on its context: it can be computed for any batch of spans in one call.
+
+A module may read the k raw tokens before its span (``context_tokens`` = k > 0; the paper's module
+is k = 0): :mod:`~vllm_umim.module.context` adds that branch, and callers pass ``context``.
 
 A module may carry a per-rule refinement (:mod:`~vllm_umim.module.refinement`): a learned residual
 for its K most frequent n-grams, looked up by the span's tokens, so callers pass ``span_tokens``
@@ -26,9 +29,11 @@ import torch
 from torch import nn
 
 from vllm_umim.errors import OptionError
+from vllm_umim.module.context import SpanContext
 from vllm_umim.module.refinement import RuleRefinement
 
 VARIANTS = ("paper", "token_processor")
+MAX_CONTEXT = 64  # raw tokens before a span a context-aware module may read
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,15 @@ class MergeModuleConfig:
     variant: str = "paper"
     max_span: int = 4
     refined_rules: int = 0  # K n-grams with a learned residual (module/refinement.py); 0: none
+    context_tokens: int = 0  # k raw tokens before the span the module reads (module/context.py); 0: the paper's module
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise OptionError(f"unknown merge module variant {self.variant!r}; expected one of {VARIANTS}")
         if self.hidden_size % self.num_heads:
             raise OptionError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.context_tokens <= MAX_CONTEXT:
+            raise OptionError(f"context_tokens must be in 0..{MAX_CONTEXT}, got {self.context_tokens}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,14 +82,22 @@ class MergeModule(nn.Module):
             self.token_processor = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d))
         self.output_proj = nn.Linear(d, d, bias=False)
         nn.init.eye_(self.output_proj.weight)
+        self.context = SpanContext(d, config.context_tokens, h) if config.context_tokens else None
         self.refinement = None
         if config.refined_rules:
             self.refinement = RuleRefinement(torch.full((config.refined_rules, config.max_span), -1), d)
 
-    def forward(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor, span_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, span_embeds: torch.Tensor, span_lengths: torch.Tensor, span_tokens: torch.Tensor | None = None,
+                context: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """span_embeds: [S, L, d] (rows past each length are ignored); span_lengths: [S] in 1..L;
-        span_tokens: [S, L] the spans' token ids, -1 padded (required when the module is refined)."""
+        span_tokens: [S, L] the spans' token ids, -1 padded (required when the module is refined);
+        context: (embeds [S, k, d], lengths [S]) of the k raw tokens before each span, left-padded
+        (:func:`~vllm_umim.module.context.context_windows`; required when ``context_tokens`` > 0)."""
         surrogates = self.pool(span_embeds, span_lengths)
+        if self.context is not None:
+            if context is None:
+                raise OptionError(f"this merge module reads the {self.config.context_tokens} tokens before a span: pass context")
+            surrogates = self.context(surrogates, *context)
         if self.refinement is None:
             return surrogates
         if span_tokens is None:
@@ -106,6 +122,13 @@ class MergeModule(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def with_context(self, context_tokens: int) -> "MergeModule":
+        """A copy of this (context-free) module with a context branch for ``context_tokens`` tokens
+        whose output starts at zero: it computes exactly what this module computes until trained."""
+        module = MergeModule(MergeModuleConfig(**{**self.config.to_dict(), "context_tokens": context_tokens}))
+        module.load_state_dict(self.state_dict(), strict=False)
+        return module
 
     def refined(self, ngrams: torch.Tensor) -> "MergeModule":
         """A copy of this module with a zero-residual refinement for ``ngrams`` ([K, max_span], -1

@@ -103,9 +103,12 @@ class ReferenceRuntime:
         self.embedding = model.get_input_embeddings()
 
     @torch.no_grad()
-    def embed(self, elements: list[Element]) -> torch.Tensor:
-        """Input embeddings [len, d]: a token's embedding, or the surrogate of a merged span."""
+    def embed(self, elements: list[Element], before: list[Element] = ()) -> torch.Tensor:
+        """Input embeddings [len, d]: a token's embedding, or the surrogate of a merged span.
+        ``before``: the elements preceding ``elements`` in the sequence (a context-aware module
+        reads the raw tokens before each span, :mod:`~vllm_umim.module.context`)."""
         rows = []
+        raw = [t for e in before for t in e.tokens]
         for element in elements:
             token_embeds = self.embedding(torch.tensor(element.tokens))
             if element.merged:  # padded to the module's max span, as the engine batches spans
@@ -113,10 +116,22 @@ class ReferenceRuntime:
                 padded[: len(element.tokens)] = token_embeds
                 length = torch.tensor([len(element.tokens)])
                 tokens = torch.tensor([list(element.tokens) + [-1] * (MAX_SPAN - len(element.tokens))])
-                rows.append(self.merge_module(padded[None].to(self._module_dtype), length, tokens)[0].to(token_embeds.dtype))
+                context = self._context(raw)
+                rows.append(self.merge_module(padded[None].to(self._module_dtype), length, tokens, context=context)[0]
+                            .to(token_embeds.dtype))
             else:
                 rows.append(token_embeds[0])
+            raw.extend(element.tokens)
         return torch.stack(rows)
+
+    def _context(self, raw: list[int]):
+        """(embeds [1, k, d], lengths [1]) of the last k raw tokens, for a context-aware module."""
+        k = self.merge_module.config.context_tokens
+        if not k:
+            return None
+        last = raw[-k:] if raw else []
+        tokens = torch.tensor([[-1] * (k - len(last)) + last])
+        return self.embedding(tokens.clamp(min=0)).to(self._module_dtype), torch.tensor([len(last)])
 
     @property
     def _module_dtype(self):
@@ -166,7 +181,7 @@ class ReferenceRuntime:
                 cache.crop(start - cache.get_seq_length())  # negative: drop that many newest entries
                 result.decode_merges += 1
             result.elements_history.append(len(elements))
-            logits = self.forward(self.embed(elements[start:]), start, cache)
+            logits = self.forward(self.embed(elements[start:], elements[:start]), start, cache)
         return result
 
 

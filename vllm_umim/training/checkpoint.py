@@ -24,10 +24,13 @@ METADATA_KEY = "umim_checkpoint"
 
 
 def save_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict) -> None:
-    """Write atomically (a temporary file, then rename), so an interrupted write leaves the old one."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict,
+                    extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write atomically (a temporary file, then rename), so an interrupted write leaves the old one.
+    ``extra``: more trained tensors (an adapted reader's LoRA weights), stored as ``extra/<name>``."""
     path = Path(path)
     tensors = {f"module/{k}": v.detach().contiguous() for k, v in module.state_dict().items()}
+    tensors.update({f"extra/{k}": v.detach().contiguous() for k, v in (extra or {}).items()})
     optim = optimizer.state_dict()
     for index, buffers in optim["state"].items():
         for name, value in buffers.items():
@@ -38,8 +41,9 @@ def save_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.
 
 
 def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    """Restore module, optimizer and scheduler in place; return the trainer's counters."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, load_extra=None) -> dict:
+    """Restore module, optimizer and scheduler in place; return the trainer's counters.
+    ``load_extra(tensors)`` receives the checkpoint's ``extra/`` tensors (names without the prefix)."""
     path = Path(path)
     try:
         with safe_open(path, "pt") as f:  # one read: metadata and tensors
@@ -55,6 +59,11 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer: torch.
         module.load_state_dict(module_state)
     except RuntimeError as error:
         raise CheckpointError(f"{path}: the checkpoint's module does not fit this configuration ({error})") from None
+    extra = {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}
+    if load_extra is not None:
+        load_extra(extra)
+    elif extra:
+        raise CheckpointError(f"{path}: the checkpoint holds {len(extra)} more trained tensors (an adapted reader) this run does not have")
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer/"):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vllm_umim.errors import OptionError
+from vllm_umim.training.reader import ReaderConfig
 from vllm_umim.training.teacher_cache import TeacherRay
 from vllm_umim.training.trainer import TrainConfig
 
@@ -62,17 +63,24 @@ class TrainJob:
     refine_rules: int = field(default=0, metadata={
         "metavar": "K", "help": "add a per-rule residual for the K spans merged most often in the training windows and "
                                 "train only those residuals (module/refinement.py); the module's own weights stay fixed"})
+    context_tokens: int = field(default=0, metadata={
+        "metavar": "K", "help": "the module also reads the K raw tokens before each span (module/context.py); with "
+                                "--init-module, a context branch starting at zero is added to that module"})
     run_dir: Path | None = field(default=None, metadata={"help": "checkpoints and log.jsonl (default: <output>.run/)"})
     cache_dir: Path | None = field(default=None, metadata={"help": "teacher cache (default: <run-dir>/teacher)"})
     resume: bool = field(default=False, metadata={
         "help": "continue from <run-dir>/ckpt-last.safetensors (a larger --max-tokens stretches the schedule)"})
     train: TrainConfig = field(default_factory=TrainConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
 
     def __post_init__(self):
         if self.refine_rules < 0:
             raise OptionError(f"--refine-rules must be >= 0, got {self.refine_rules}")
         if self.refine_rules and self.init_module is None:
             raise OptionError("--refine-rules refines a trained module: pass it with --init-module")
+        if self.refine_rules and self.context_tokens:
+            raise OptionError("--refine-rules trains only per-rule residuals; a context branch (--context-tokens) must train: "
+                              "use one or the other")
         self.train.train_part = "refinement" if self.refine_rules else "all"
 
     @property
@@ -99,10 +107,18 @@ def build_teacher_caches(job: TeacherCacheJob, frozen, cache_dir: Path, max_toke
 
 
 def starting_module(job: TrainJob, model, rules, train_cache_dir: Path):
-    """None (a new module), the ``init_module``, or that module refined for the ``refine_rules``
-    spans merged most often in the cached training windows (the same on every rank and on resume)."""
+    """None (a new module), the ``init_module``, that module with a context branch
+    (``context_tokens``), or refined for the ``refine_rules`` spans merged most often in the cached
+    training windows (the same on every rank and on resume)."""
+    from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
+
     if job.init_module is None:
-        return None
+        if not job.context_tokens:
+            return None
+        config = MergeModuleConfig(model.config.hidden_size, num_heads=job.train.heads, variant=job.train.variant,
+                                   context_tokens=job.context_tokens)
+        torch.manual_seed(job.train.seed)
+        return MergeModule(config)
     from vllm_umim.module.batches import segment
     from vllm_umim.module.file_format import load_module, model_identity
     from vllm_umim.module.refinement import most_frequent_spans
@@ -110,6 +126,11 @@ def starting_module(job: TrainJob, model, rules, train_cache_dir: Path):
     from vllm_umim.training.teacher_cache import TeacherCache
 
     module = load_module(job.init_module, model_identity(model.config), rules.tokenizer_fingerprint)[0]
+    if job.context_tokens:
+        if module.config.context_tokens:
+            raise OptionError(f"{job.init_module} already reads {module.config.context_tokens} context tokens; drop --context-tokens")
+        torch.manual_seed(job.train.seed)
+        return module.with_context(job.context_tokens)
     if not job.refine_rules:
         return module
     cache = TeacherCache(train_cache_dir)
@@ -142,7 +163,7 @@ def run_train(job: TrainJob) -> dict:
     if job.init_module is not None:
         config.extra["init_module"] = str(job.init_module)
     meta = train(frozen.model, frozen.rules, cache_dir, run_dir, config, resume=job.resume, output=job.output,
-                 tokenizer_fingerprint=tokenizer_fingerprint(frozen.tokenizer), module=module)
+                 tokenizer_fingerprint=tokenizer_fingerprint(frozen.tokenizer), module=module, reader=job.reader)
     if rank == 0:
         print(json.dumps(meta, indent=2))
         print(f"wrote {job.output}")

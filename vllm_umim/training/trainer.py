@@ -17,6 +17,10 @@
 * Refinement (issue 10): ``train(..., module=base.refined(ngrams))`` with ``train_part="refinement"``
   trains only the per-rule residuals (:mod:`~vllm_umim.module.refinement`) of a trained module;
   the module's own weights stay fixed, so step 0 is exactly the module being refined.
+* Adapted reader (``reader=ReaderConfig(rank=r)``, :mod:`~vllm_umim.training.reader`): LoRA
+  adapters on the LM train with the module; the loss adds the KL of ``raw_windows`` unmerged
+  windows per batch, so the adapted model stays close to the teacher on ordinary text. The
+  adapters go into the checkpoint and, in PEFT's layout, beside every module snapshot.
 * ``precision="bf16"``: the student's forward runs under CPU/GPU autocast (matmuls in bfloat16;
   the module's weights, the optimizer and the loss stay fp32). Measured on this 2-core CPU with
   AVX512-BF16 (``benchmarks/training_profile.py``): 1.53x the fp32 student throughput at
@@ -42,7 +46,8 @@ from vllm_umim.module.file_format import model_identity, save_module
 from vllm_umim.module.merge_module import VARIANTS, MergeModule, MergeModuleConfig
 from vllm_umim.module.batches import collate, segment
 from vllm_umim.training.checkpoint import load_checkpoint, save_checkpoint
-from vllm_umim.training.loss import TARGETS, batch_loss
+from vllm_umim.training.loss import TARGETS, batch_loss, distillation_loss
+from vllm_umim.training.reader import ReaderConfig, adapt, adapter_state, load_adapter_state, save_adapter
 from vllm_umim.training.teacher_cache import TeacherCache
 
 TRAIN_PARTS = ("all", "refinement")
@@ -109,7 +114,7 @@ class Trainer:
     COUNTERS = ("step", "tokens_seen", "best_val", "best_step", "bad_evals", "stopped_early", "elapsed")  # saved with the checkpoint
 
     def __init__(self, model, rules, train_cache: TeacherCache, val_cache: TeacherCache | None, out_dir, config: TrainConfig,
-                 module: MergeModule | None = None, tokenizer_fingerprint: str | None = None):
+                 module: MergeModule | None = None, tokenizer_fingerprint: str | None = None, reader: ReaderConfig | None = None):
         self.model = freeze(model)
         self.rules = rules
         self.train, self.val = train_cache, val_cache
@@ -125,6 +130,9 @@ class Trainer:
         self.module = module or MergeModule(MergeModuleConfig(hidden, num_heads=config.heads, variant=config.variant))
         self.module.train()
         self.trainable = trainable_parameters(self.module, config.train_part)
+        self.reader = reader if reader is not None and reader.rank else None
+        if self.reader is not None:
+            self.trainable += adapt(self.model, self.reader)
         if config.precision not in PRECISIONS:
             raise OptionError(f"unknown precision {config.precision!r}; expected one of {PRECISIONS}")
         self.ddp = None
@@ -181,11 +189,20 @@ class Trainer:
         return batch, cache.rows(indices)
 
     # ---- loop ---------------------------------------------------------------------------------
+    def raw_loss(self, batch, teacher, windows: int) -> torch.Tensor:
+        """An adapted reader's drift: the KL of the first ``windows`` windows *unmerged* through
+        the adapted model against the same cached teacher rows (their rows come first)."""
+        mask = batch.teacher_mask[:windows]
+        n = int(mask.sum())
+        logits = self.model(input_ids=batch.raw_ids[:windows], use_cache=False).logits[mask]
+        topk_logits, topk_ids, lse = teacher
+        return distillation_loss(logits.float(), topk_logits[:n], topk_ids[:n], lse[:n] if lse is not None else None, self.cfg.target)
+
     def validate(self) -> float:
         if self.val is None or len(self.val) == 0:
             return float("nan")
         self.module.eval()
-        total, rows = 0.0, 0
+        total, rows, raw_total, raw_rows = 0.0, 0, 0.0, 0
         with torch.no_grad():
             for i in range(0, len(self.val), self.cfg.batch_size):
                 idx = list(range(i, min(i + self.cfg.batch_size, len(self.val))))
@@ -193,8 +210,12 @@ class Trainer:
                 n = int(batch.loss_mask.sum())
                 with self.autocast():
                     total += float(batch_loss(self.model, self.module, batch, teacher, self.cfg.target)) * n
+                    if self.reader is not None:
+                        raw_total += float(self.raw_loss(batch, teacher, len(idx))) * n
+                        raw_rows += n
                 rows += n
         self.module.train()
+        self.val_raw = raw_total / raw_rows if raw_rows else None
         return total / max(rows, 1)
 
     def log(self, record: dict) -> None:
@@ -219,6 +240,7 @@ class Trainer:
             "schedule": self.cfg.schedule,
             "train_part": self.cfg.train_part,
             "precision": self.cfg.precision,
+            "reader": asdict(self.reader) if self.reader is not None else None,
             "best_val_loss": self.best_val,
             "best_step": self.best_step,
             "stopped_early": self.stopped_early,
@@ -235,19 +257,24 @@ class Trainer:
             module = MergeModule(self.module.config)
             module.load_state_dict(module_state)
         save_module(module, path, self.identity, self.tokenizer_fingerprint, self.rules.fingerprint, self.training_meta())
+        if self.reader is not None and module_state is None:
+            save_adapter(self.model, self.reader, reader_folder(path), self.cfg.extra.get("model_dir", ""))
 
     def checkpoint(self) -> None:
         if self.rank != 0:
             return
         counters = {key: getattr(self, key) for key in self.COUNTERS}
-        save_checkpoint(self.out / CHECKPOINT, self.module, self.optimizer, self.scheduler, {**counters, "config": asdict(self.cfg)})
+        extra = adapter_state(self.model) if self.reader is not None else None
+        save_checkpoint(self.out / CHECKPOINT, self.module, self.optimizer, self.scheduler, {**counters, "config": asdict(self.cfg)},
+                        extra=extra)
         self.save_snapshot(self.out / f"module-step{self.step}.safetensors")
 
     def resume(self) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        counters = load_checkpoint(path, self.module, self.optimizer, self.scheduler)
+        load_extra = (lambda state: load_adapter_state(self.model, state, path)) if self.reader is not None else None
+        counters = load_checkpoint(path, self.module, self.optimizer, self.scheduler, load_extra=load_extra)
         for key in self.COUNTERS:
             setattr(self, key, counters[key])
         return True
@@ -288,13 +315,19 @@ class Trainer:
             val = self.validate()
             self.best_val, self.best_step = val, 0
             self.save_snapshot(self.out / "best.safetensors")
-            self.log({"step": 0, "tokens": 0, "val_loss": val})
+            self.log({"step": 0, "tokens": 0, "val_loss": val, **self.raw_record()})
+
+    def raw_record(self) -> dict:
+        val_raw = getattr(self, "val_raw", None)
+        return {"val_raw_loss": round(val_raw, 5)} if val_raw is not None else {}
 
     def train_step(self) -> tuple[float, torch.Tensor | None]:
         """One batch of distillation (paper §3.3): loss, backward, clip, AdamW and LR schedule."""
         batch, teacher = self.make_batch(self.train, self.batch_indices(self.step))
         with self.autocast():
             loss = batch_loss(self.model, self.ddp or self.module, batch, teacher, self.cfg.target)
+            if self.reader is not None and self.reader.raw_windows:
+                loss = loss + self.reader.raw_weight * self.raw_loss(batch, teacher, self.reader.raw_windows)
         if not batch.merged_mask.any():  # keep DDP's reducer fed even without merged spans
             loss = loss + 0.0 * sum(p.sum() for p in self.trainable)
         self.optimizer.zero_grad(set_to_none=True)
@@ -332,12 +365,21 @@ class Trainer:
                 self.save_snapshot(self.out / "best.safetensors")
             else:
                 self.bad_evals += 1
-            self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": round(val, 5), "best": improved})
+            self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": round(val, 5), "best": improved, **self.raw_record()})
             if self.cfg.patience and self.bad_evals >= self.cfg.patience:
                 stop[0] = 1
         if self.world > 1:
             torch.distributed.broadcast(stop, 0)
         self.stopped_early = bool(stop[0])
+
+    def final_reader(self) -> Path | None:
+        """The adapted reader's folder that goes with :meth:`final_module` (None without a reader)."""
+        if self.reader is None:
+            return None
+        best = reader_folder(self.out / "best.safetensors")
+        if self.val is not None and best.exists():
+            return best
+        return save_adapter(self.model, self.reader, self.out / "last.reader", self.cfg.extra.get("model_dir", ""))
 
     def final_module(self) -> MergeModule:
         """The best module by validation loss (the last one when there is no validation set)."""
@@ -349,15 +391,20 @@ class Trainer:
         return self.module
 
 
+def reader_folder(module_path: Path) -> Path:
+    """Where an adapted reader's adapters go beside a module file: ``<name>.reader/``."""
+    return Path(module_path).with_name(Path(module_path).stem + ".reader")
+
+
 def train(model, rules, cache_dir, out_dir, config: TrainConfig, resume: bool = False, output: str | Path | None = None,
-          tokenizer_fingerprint: str | None = None, module: MergeModule | None = None) -> dict:
+          tokenizer_fingerprint: str | None = None, module: MergeModule | None = None, reader: ReaderConfig | None = None) -> dict:
     """Train from ``cache_dir/{train,val}`` into ``out_dir``; write the final module to ``output``.
     ``module``: the starting module (default: a new one, i.e. mean pooling)."""
     cache_dir = Path(cache_dir)
     train_cache = TeacherCache(cache_dir / "train")
     val_cache = TeacherCache(cache_dir / "val") if (cache_dir / "val" / "manifest.json").exists() else None
     trainer = Trainer(model, rules, train_cache, val_cache, out_dir, config, module=module,
-                      tokenizer_fingerprint=tokenizer_fingerprint)
+                      tokenizer_fingerprint=tokenizer_fingerprint, reader=reader)
     if resume and trainer.resume() and trainer.rank == 0:
         print(f"resumed from step {trainer.step} ({trainer.tokens_seen} tokens)", flush=True)
     meta = trainer.fit()
@@ -365,6 +412,13 @@ def train(model, rules, cache_dir, out_dir, config: TrainConfig, resume: bool = 
         module = trainer.final_module()
         meta = {**meta, "selected": "best validation loss" if trainer.val is not None else "last"}
         save_module(module, output, trainer.identity, trainer.tokenizer_fingerprint, rules.fingerprint, meta)
+        adapters = trainer.final_reader()
+        if adapters is not None:
+            import shutil
+
+            target = reader_folder(Path(output))
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(adapters, target)
     if trainer.world > 1:
         torch.distributed.barrier()
     return meta
