@@ -9,7 +9,9 @@ Reads ``artifacts/<model>/`` (``operating-points.json``, ``fidelity.json``, ``fi
 ``training-profile.json``); nothing is measured here. Every table goes through
 ``vllm_umim.bench.tables.markdown_table``. Where README.md holds the markers
 ``<!-- operating-points:start -->`` and ``<!-- operating-points:end -->``, the three-row
-operating-points table (:func:`operating_points_summary`) is written between them.
+operating-points table (:func:`operating_points_summary`) is written between them; in
+docs/ceiling.md, the trained readers' table (:func:`readers_table`, from
+``artifacts/<model>/readers/readers.json``) between ``<!-- readers:start -->`` and ``<!-- readers:end -->``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ README = ROOT / "README.md"
 POINTS_MODEL = "smollm2-135m"  # the model whose operating points ship
 COMMAND = "python -m benchmarks.report"
 MARKERS = ("<!-- operating-points:start -->", "<!-- operating-points:end -->")
+CEILING_PAGE = ROOT / "docs" / "ceiling.md"
+READERS = ARTIFACTS / POINTS_MODEL / "readers" / "readers.json"
+READERS_MARKERS = ("<!-- readers:start -->", "<!-- readers:end -->")
 
 
 def load(path: Path) -> dict | list:
@@ -297,6 +302,34 @@ def training_section() -> list[str]:
                             "forward / backward / optimizer %", "mean loss"], rows)]
 
 
+def readers_table(result: dict) -> str:
+    """``vllm-umim readers``: trained designs against the unmerged model on the ceiling's windows."""
+    designs = result["designs"]
+    baseline = next(iter(designs))
+    rows = []
+    for name, d in designs.items():
+        diff = d.get("vs_" + baseline, {}).get("all")
+        ppl = d.get("two_stage_ppl")
+        drift = d.get("drift")
+        rows.append([
+            name, d["context_tokens"], f"{d['module_parameters'] / 1e6:.2f} M"
+            + (f" + LoRA {d['reader_parameters'] / 1e6:.2f} M" if d.get("reader") else ""),
+            f"{d['all']['kl']:.3f} / {100 * d['all']['top1']:.1f} %", f"{d['merged']['kl']:.3f} / {100 * d['merged']['top1']:.1f} %",
+            (f"{diff['kl']['mean']:+.3f} [{diff['kl']['ci95'][0]:+.3f}, {diff['kl']['ci95'][1]:+.3f}] / "
+             f"{100 * diff['top1']['mean']:+.1f} [{100 * diff['top1']['ci95'][0]:+.1f}, {100 * diff['top1']['ci95'][1]:+.1f}]")
+            if diff else "—",
+            f"{ppl['merged']:.2f} vs {ppl['base']:.2f} ({100 * ppl['increase']:+.0f} %)" if ppl else "—",
+            (f"{drift['raw_kl']:.4f} / {100 * drift['raw_top1']:.1f} % / {drift['first_divergence']:.1f}") if drift else "none (frozen)",
+        ])
+    data = result["data"]
+    return "\n".join([
+        f"{data['windows']} held-out windows of {result['settings']['seq_len']} tokens, {data['rows']} aligned rows "
+        f"({data['rows_at_merged']} at merged elements), TR {100 * data['tr']:.1f} %; two-stage PPL on {result['settings']['ppl_windows']} windows of 256 tokens.", "",
+        markdown_table(["design", "context k", "trained parameters", "KL / top-1 all rows", "KL / top-1 merged",
+                        f"difference to {baseline}, all rows: KL / top-1 points [95 %]", "two-stage PPL",
+                        "raw-input drift: KL / top-1 / first divergence"], rows)])
+
+
 # The page -----------------------------------------------------------------------------------------
 
 def render_page(plots: bool = False) -> str:
@@ -316,19 +349,26 @@ def render_page(plots: bool = False) -> str:
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 
 
-def readme_with_summary(text: str) -> str:
-    """README text with the operating-points table between the markers (unchanged without them)."""
-    start, end = MARKERS
+def with_block(text: str, markers: tuple[str, str], block) -> str:
+    """``text`` with ``block()`` between the markers (unchanged without them)."""
+    start, end = markers
     if start not in text or end not in text:
         return text
     head, rest = text.split(start, 1)
-    return f"{head}{start}\n{operating_points_summary()}\n{end}{rest.split(end, 1)[1]}"
+    return f"{head}{start}\n{block()}\n{end}{rest.split(end, 1)[1]}"
+
+
+def readme_with_summary(text: str) -> str:
+    """README text with the operating-points table between the markers (unchanged without them)."""
+    return with_block(text, MARKERS, operating_points_summary)
 
 
 def expected_texts(plots: bool = False) -> dict[Path, str]:
     texts = {PAGE: render_page(plots)}
     if README.is_file():
         texts[README] = readme_with_summary(README.read_text())
+    if CEILING_PAGE.is_file() and READERS.is_file():
+        texts[CEILING_PAGE] = with_block(CEILING_PAGE.read_text(), READERS_MARKERS, lambda: readers_table(load(READERS)))
     return texts
 
 

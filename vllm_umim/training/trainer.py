@@ -190,13 +190,15 @@ class Trainer:
 
     # ---- loop ---------------------------------------------------------------------------------
     def raw_loss(self, batch, teacher, windows: int) -> torch.Tensor:
-        """An adapted reader's drift: the KL of the first ``windows`` windows *unmerged* through
-        the adapted model against the same cached teacher rows (their rows come first)."""
+        """An adapted reader's drift: the first ``windows`` windows *unmerged* through the adapted
+        model against the same cached teacher rows (their rows come first). Always the "bucket"
+        target (training/loss.py): the exact KL on {top-k, rest}, whose minimum is the teacher
+        itself; the renormalised top-k target would reward a model that sharpens on raw text."""
         mask = batch.teacher_mask[:windows]
         n = int(mask.sum())
         logits = self.model(input_ids=batch.raw_ids[:windows], use_cache=False).logits[mask]
         topk_logits, topk_ids, lse = teacher
-        return distillation_loss(logits.float(), topk_logits[:n], topk_ids[:n], lse[:n] if lse is not None else None, self.cfg.target)
+        return distillation_loss(logits.float(), topk_logits[:n], topk_ids[:n], lse[:n], "bucket")
 
     def validate(self) -> float:
         if self.val is None or len(self.val) == 0:
