@@ -10,10 +10,11 @@ import torch
 
 from tests.conftest import make_ruleset, tiny_llama
 from tests.training.test_training import RULES, _setup, windows
-from vllm_umim.errors import CheckpointError, OptionError
+from vllm_umim.errors import CheckpointError, MismatchError, OptionError
+from vllm_umim.files import file_sha256
 from vllm_umim.module.batches import collate, segment, span_context, student_embeddings
 from vllm_umim.module.context import context_windows
-from vllm_umim.module.file_format import load_module, save_module
+from vllm_umim.module.file_format import READER_KEY, check_reader, load_module, read_metadata, save_module
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 from vllm_umim.training.reader import ReaderConfig, merge_reader
 from vllm_umim.training.teacher_cache import TeacherCache
@@ -150,6 +151,16 @@ def test_adapted_reader_is_saved_in_peft_layout_and_merges_into_the_weights(tmp_
         merged = AutoModelForCausalLM.from_pretrained(merge_reader(base_dir, adapter, tmp_path / "merged"))
         assert torch.allclose(merged(input_ids=ids).logits, trained, atol=1e-4)
         assert not torch.allclose(tiny_llama()(input_ids=ids).logits, trained, atol=1e-4)
+    # the module is bound to these adapters; the engine's check refuses it on another model, and a
+    # frozen-model module on the adapted one
+    meta = read_metadata(tmp_path / "module.safetensors")
+    assert meta["training"][READER_KEY] == merged.config.umim_reader_sha256 == file_sha256(adapter / "adapter_model.safetensors")
+    check_reader(meta, merged.config, "module.safetensors")
+    with pytest.raises(MismatchError, match="trained with an adapted reader"):
+        check_reader(meta, tiny_llama().config, "module.safetensors")
+    with pytest.raises(MismatchError, match="is an adapted reader"):
+        check_reader({"training": {}}, merged.config, "other.safetensors")
+    check_reader({"training": {}}, tiny_llama().config, "other.safetensors")
 
 
 def test_student_embeddings_use_context(tmp_path):

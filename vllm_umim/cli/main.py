@@ -24,6 +24,7 @@ from vllm_umim.cli import (
     generate,
     inspect_rules,
     lm_eval,
+    merge_reader,
     mine,
     readers,
     score_rules,
@@ -34,7 +35,7 @@ from vllm_umim.cli import (
 )
 from vllm_umim.errors import UmimError
 
-COMMANDS = (fetch_model, fetch_corpus, training_mix, mine, inspect_rules, generate, demo, train, teacher_cache, evaluate,
+COMMANDS = (fetch_model, fetch_corpus, training_mix, mine, inspect_rules, generate, demo, train, merge_reader, teacher_cache, evaluate,
             fidelity, lm_eval, score_rules, select_rules, ceiling, readers, bench, bench_pair)
 
 

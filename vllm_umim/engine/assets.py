@@ -9,6 +9,7 @@ from functools import lru_cache
 from vllm_umim.engine.config import UmimConfig
 from vllm_umim.errors import OptionError
 from vllm_umim.module import model_identity, resolve_module
+from vllm_umim.module.file_format import check_reader
 from vllm_umim.rules import RuleSet, load_rules
 
 
@@ -22,7 +23,7 @@ def load_engine_rules(path: str) -> RuleSet:
 
 def load_engine_module(config: UmimConfig, hf_config, rules: RuleSet):
     """The merge module for this model and these rules; raises on any mismatch."""
-    module, _ = resolve_module(
+    module, meta = resolve_module(
         config.module_path(),
         hidden_size=hf_config.hidden_size,
         model=model_identity(hf_config),
@@ -32,6 +33,7 @@ def load_engine_module(config: UmimConfig, hf_config, rules: RuleSet):
         raise OptionError(f"merge module {config.module_path()} reads {module.config.context_tokens} tokens before each span "
                           "(a context-aware module): the engine serves context-free modules only; measure it with "
                           "`vllm-umim eval` or the reference runtime (`vllm-umim generate --engine reference`)")
+    check_reader(meta, hf_config, config.module_path())
     return module
 
 

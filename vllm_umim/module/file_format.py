@@ -24,6 +24,7 @@ from vllm_umim.rules.ruleset import MAX_SPAN
 FORMAT = "merge-module/1"
 MEAN_POOLING = "mean"  # module path meaning "the untrained mean-pooling baseline"
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+READER_KEY = "umim_reader_sha256"  # a merged reader's config.json and its module's training metadata: the adapters' sha256
 _INT_TENSORS = {"refinement.ngrams": ("I64", "I32")}  # token ids; every other tensor is a weight
 
 
@@ -199,6 +200,19 @@ def resolve_module(
     if module.config.hidden_size != hidden_size:
         raise MismatchError(f"merge module {path} has hidden_size={module.config.hidden_size}, but this model has hidden_size={hidden_size}")
     return module, meta
+
+
+def check_reader(module_meta: dict, hf_config, module_path) -> None:
+    """Refuse a module trained with an adapted reader on another model, and a module trained for
+    the frozen model on an adapted reader (one line each)."""
+    wanted = (module_meta.get("training") or {}).get(READER_KEY)
+    served = getattr(hf_config, READER_KEY, None)
+    if wanted != served:
+        if wanted:
+            raise MismatchError(f"merge module {module_path} was trained with an adapted reader (adapters {wanted[:12]}…): serve "
+                                f"the model folder `vllm-umim merge-reader` wrote for it, not this one (reader {served and served[:12]})")
+        raise MismatchError(f"this model is an adapted reader (adapters {served[:12]}…) and merge module {module_path} was "
+                            "trained for the frozen model: use the module trained with this reader")
 
 
 def module_dtype(module: MergeModule) -> torch.dtype:

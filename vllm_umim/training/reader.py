@@ -23,8 +23,10 @@ import torch
 
 from vllm_umim.errors import CheckpointError, OptionError
 from vllm_umim.files import write_json_atomic
+from vllm_umim.module.file_format import READER_KEY as CONFIG_KEY  # which adapters a module was trained with
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_PREFIX = "base_model.model."  # PEFT's key prefix for a causal LM (PeftModelForCausalLM)
 
 
@@ -86,21 +88,29 @@ def save_adapter(model: torch.nn.Module, config: ReaderConfig, folder: str | Pat
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {ADAPTER_PREFIX + name.replace(".default", ""): value.contiguous()
                for name, value in adapter_state(model).items()}
-    save_safetensors(tensors, folder / "adapter_model.safetensors")
+    save_safetensors(tensors, folder / ADAPTER_FILE)
     peft_config = config.lora_config()
     peft_config.base_model_name_or_path = str(base_model)
     write_json_atomic(json.loads(json.dumps(peft_config.to_dict(), default=list)), folder / "adapter_config.json")
     return folder
 
 
+def adapter_sha256(folder: str | Path) -> str:
+    from vllm_umim.files import file_sha256
+
+    return file_sha256(Path(folder) / ADAPTER_FILE)
+
+
 def merge_reader(base_model: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """A model folder with the adapters folded into the weights (PEFT ``merge_and_unload``), the
-    base folder's tokenizer files beside it."""
+    base folder's tokenizer files beside it, and the adapters' sha256 in its ``config.json``
+    (``umim_reader_sha256``): the engine serves a module trained with this reader only on it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    setattr(merged.config, CONFIG_KEY, adapter_sha256(adapter))
     out = Path(out)
     merged.save_pretrained(out)
     for item in Path(base_model).iterdir():

@@ -47,7 +47,8 @@ from vllm_umim.module.merge_module import VARIANTS, MergeModule, MergeModuleConf
 from vllm_umim.module.batches import collate, segment
 from vllm_umim.training.checkpoint import load_checkpoint, save_checkpoint
 from vllm_umim.training.loss import TARGETS, batch_loss, distillation_loss
-from vllm_umim.training.reader import ReaderConfig, adapt, adapter_state, load_adapter_state, save_adapter
+from vllm_umim.training.reader import CONFIG_KEY as READER_KEY
+from vllm_umim.training.reader import ReaderConfig, adapt, adapter_sha256, adapter_state, load_adapter_state, save_adapter
 from vllm_umim.training.teacher_cache import TeacherCache
 
 TRAIN_PARTS = ("all", "refinement")
@@ -258,9 +259,11 @@ class Trainer:
         if module_state is not None:
             module = MergeModule(self.module.config)
             module.load_state_dict(module_state)
-        save_module(module, path, self.identity, self.tokenizer_fingerprint, self.rules.fingerprint, self.training_meta())
+        meta = self.training_meta()
         if self.reader is not None and module_state is None:
-            save_adapter(self.model, self.reader, reader_folder(path), self.cfg.extra.get("model_dir", ""))
+            folder = save_adapter(self.model, self.reader, reader_folder(path), self.cfg.extra.get("model_dir", ""))
+            meta[READER_KEY] = adapter_sha256(folder)
+        save_module(module, path, self.identity, self.tokenizer_fingerprint, self.rules.fingerprint, meta)
 
     def checkpoint(self) -> None:
         if self.rank != 0:
@@ -413,7 +416,6 @@ def train(model, rules, cache_dir, out_dir, config: TrainConfig, resume: bool = 
     if output is not None and trainer.rank == 0:
         module = trainer.final_module()
         meta = {**meta, "selected": "best validation loss" if trainer.val is not None else "last"}
-        save_module(module, output, trainer.identity, trainer.tokenizer_fingerprint, rules.fingerprint, meta)
         adapters = trainer.final_reader()
         if adapters is not None:
             import shutil
@@ -421,6 +423,8 @@ def train(model, rules, cache_dir, out_dir, config: TrainConfig, resume: bool = 
             target = reader_folder(Path(output))
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(adapters, target)
+            meta[READER_KEY] = adapter_sha256(target)
+        save_module(module, output, trainer.identity, trainer.tokenizer_fingerprint, rules.fingerprint, meta)
     if trainer.world > 1:
         torch.distributed.barrier()
     return meta
