@@ -53,7 +53,9 @@ class Counts:
     refused: int = 0  # ... refused with a UmimError (an incomplete file)
     loaded_equal: int = 0  # ... loaded with exactly the uninterrupted run's content
     corrupt: list = field(default_factory=list)  # ... anything else: must stay empty
-    leftover_temp_files: int = 0  # .*.tmp beside artifacts after a kill (never read by a loader)
+    # sightings of .*.tmp files a kill left beside the artifacts, summed over the checks (a file left once is
+    # seen again by each later check of its folder); no loader reads them, nothing removes them
+    leftover_temp_files: int = 0
     results_equal: dict = field(default_factory=dict)  # command -> [bool per seed]
 
     @property
@@ -124,18 +126,20 @@ def run_to_end(s: Setup, cmd: list[str], timeout: float = 600) -> float:
     return time.perf_counter() - started
 
 
-def run_killed(s: Setup, cmd: list[str], delay: float) -> bool:
-    """Start ``cmd`` and SIGKILL it after ``delay`` s; True if the kill landed (it was still running)."""
+def run_killed(s: Setup, cmd: list[str], delay: float) -> float | None:
+    """Start ``cmd`` and SIGKILL it after ``delay`` s. None if the kill landed (it was still
+    running), else the seconds it took to finish."""
+    started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=s.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        return True
+        return None
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[3:5])} failed ({proc.returncode}) before its kill:\n{proc.stderr.read()[-3000:]}")
-    return False
+    return time.perf_counter() - started
 
 
 # ---- loading what a kill left --------------------------------------------------------------------
@@ -298,9 +302,11 @@ def same_run(run: Path, reference: Path) -> list[str]:
 # ---- the chaos loops -----------------------------------------------------------------------------
 def chaos(s: Setup, seeds: list[int], kills_per_seed: int = 3, commands=("mine", "teacher-cache", "train"),
           log=print) -> Counts:
-    """Reference runs, then per command and seed: up to ``kills_per_seed`` kills at random moments
-    in [0.2, 1.0] x the reference run's duration, each followed by the file checks; then one run to
-    the end and the comparison with the reference."""
+    """Reference runs, then per command and seed: ``kills_per_seed`` kills in a row, each at a
+    random moment in [0.1, 0.95] x the command's last measured uninterrupted duration and followed
+    by the file checks; then one run to the end and the comparison with the reference. A run that
+    finishes before its kill time updates that duration and the seed starts over from an empty
+    folder (at most ``3 * kills_per_seed`` tries per seed)."""
     counts = Counts()
     ref = s.root / "reference"
     if ref.exists():
@@ -318,27 +324,39 @@ def chaos(s: Setup, seeds: list[int], kills_per_seed: int = 3, commands=("mine",
         for seed in seeds:
             rng = random.Random(f"{command}-{seed}")
             work = s.root / f"{command}-{seed}"
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir()
             if command == "mine":
                 cmd, check = mine_cmd(s, work / "rules.bin"), lambda: check_rules(counts, work / "rules.bin", rules)
             elif command == "teacher-cache":
                 cmd, check = cache_cmd(s, rules, work / "cache"), lambda: check_cache(counts, work / "cache", ref / "cache")
             else:
-                shutil.copytree(ref / "cache", work / "cache")
                 cmd = train_cmd(s, rules, work / "cache", work / "run")
 
                 def check():
                     check_cache(counts, work / "cache", ref / "cache")
                     check_run(counts, work / "run", ref / "run")
-            for _ in range(kills_per_seed):
-                if run_killed(s, cmd, rng.uniform(0.2, 1.0) * duration[command]):
+
+            def fresh():
+                if work.exists():
+                    shutil.rmtree(work)
+                work.mkdir()
+                if command == "train":
+                    shutil.copytree(ref / "cache", work / "cache")
+
+            fresh()
+            landed = 0
+            for _ in range(3 * kills_per_seed):
+                if landed == kills_per_seed:
+                    break
+                finished = run_killed(s, cmd, rng.uniform(0.1, 0.95) * duration[command])
+                if finished is None:
+                    landed += 1
                     counts.kills[command] += 1
                     check()
                 else:
                     counts.finished_early += 1
-                    break
+                    duration[command] = finished
+                    fresh()
+                    landed = 0
             run_to_end(s, cmd)
             check()
             if command == "mine":
@@ -351,8 +369,8 @@ def chaos(s: Setup, seeds: list[int], kills_per_seed: int = 3, commands=("mine",
                 if problems:
                     log(f"  {command} seed {seed}: differs in {problems}")
             counts.results_equal[command].append(equal)
-            log(f"{command} seed {seed}: kills {counts.kills[command]}, loads {counts.loads}, refused {counts.refused}, "
-                f"corrupt {len(counts.corrupt)}, equal {equal}")
+            log(f"{command} seed {seed}: {landed} kills in a row before the final run; totals: kills {counts.total_kills}, "
+                f"loads {counts.loads}, refused {counts.refused}, corrupt {len(counts.corrupt)}, equal {equal}")
     return counts
 
 

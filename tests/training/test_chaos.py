@@ -14,7 +14,6 @@ from benchmarks.chaos_provenance import chaos, make_setup
 def test_killed_runs_never_load_a_broken_file_and_resume_to_the_same_result(tmp_path, model_dir):
     counts = chaos(make_setup(tmp_path, model_dir), seeds=[0], kills_per_seed=1, log=lambda line: None)
     assert counts.corrupt == []
-    assert counts.total_kills + counts.finished_early == 3
     assert counts.total_kills >= 2
     assert counts.loads > counts.total_kills  # every kill left files that were checked
     assert counts.results_equal == {"mine": [True], "teacher-cache": [True], "train": [True]}
