@@ -17,8 +17,10 @@ default ``window``: decode rollbacks reach ``max_span - 1 + max_window`` positio
 many of a running request's newest positions stay out of the prefix cache), ``table_budget_mib``
 (memory for the precomputed surrogate table, default 1024 MiB; a rule set whose table would be
 larger runs the merge module inside every step instead, see ``vllm_umim.engine.embedding``).
-``fingerprint`` is set by UMIM itself at start-up: a content hash of rules and module, so vLLM's
-compile cache (keyed by the config) never serves a graph compiled for other files.
+``fingerprint`` and ``files`` are set by UMIM itself at start-up: a content hash of rules and
+module, so vLLM's compile cache (keyed by the config) never serves a graph compiled for other files,
+and the sha256 of each file the API process checked, which the EngineCore and every worker verify
+when they load them (``vllm_umim.engine.assets.load_checked_files``).
 
 Per request, ``SamplingParams(extra_args={"umim": VALUE})`` (``vllm_xargs`` on the OpenAI server):
 ``False`` serves that request unmerged; ``True`` uses the engine's settings; ``"prompt"`` or
@@ -39,7 +41,7 @@ from vllm_umim.policies.settings import MODES, MergeSettings
 
 CONFIG_KEY = "umim"
 DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
-OPTIONS = ("rules", "module", "mode", "window", "min_confidence", "max_window", "table_budget_mib", "fingerprint")
+OPTIONS = ("rules", "module", "mode", "window", "min_confidence", "max_window", "table_budget_mib", "fingerprint", "files")
 DEFAULT_TABLE_BUDGET_MIB = 1024.0
 FLAT_REQUEST_KEYS = {"umim_window": "window", "umim_min_confidence": "min_confidence"}  # vllm_xargs spelling
 
@@ -51,6 +53,7 @@ class UmimConfig:
     merge: MergeSettings = MergeSettings()
     max_window: int = 0
     table_budget_mib: float = DEFAULT_TABLE_BUDGET_MIB
+    files: tuple[tuple[str, str | None], ...] = ()  # (key, sha256) the API process recorded; () before that
 
     @property
     def mode(self) -> str:
@@ -104,8 +107,11 @@ class UmimConfig:
         budget = options.get("table_budget_mib", DEFAULT_TABLE_BUDGET_MIB)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
             raise UmimError(f"UMIM table_budget_mib must be a number >= 0 (MiB), got {budget!r}")
+        files = options.get("files") or {}
+        if not isinstance(files, dict):
+            raise UmimError(f"UMIM files must be a dict of sha256 (set at start-up), got {files!r}")
         return cls(rules=str(options["rules"]), module=options.get("module") or None, merge=merge, max_window=max_window,
-                   table_budget_mib=float(budget))
+                   table_budget_mib=float(budget), files=tuple(sorted(files.items())))
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "UmimConfig | None":

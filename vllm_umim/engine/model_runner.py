@@ -30,7 +30,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
-from vllm_umim.engine.assets import load_engine_module, load_engine_rules
+from vllm_umim.engine.assets import load_checked_files
 from vllm_umim.engine.config import UmimConfig, virtual_base
 from vllm_umim.engine.embedding import install_surrogate_embedding
 
@@ -75,10 +75,8 @@ class UmimModelRunnerMixin:
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         config = UmimConfig.from_vllm_config(self.vllm_config)
-        rules = load_engine_rules(config.rules)
-        hf_config = self.model_config.hf_config
-        module = load_engine_module(config, hf_config, rules)
         self.umim_virtual_base = virtual_base(self.vllm_config)
+        rules, module = load_checked_files(config, self.umim_virtual_base, "worker", hf_config=self.model_config.hf_config)
         self.umim_rule_table = rules.padded.long()
         wrapper = install_surrogate_embedding(self.model, module, rules.padded, self.umim_virtual_base, config.table_budget_mib)
         logger.info(

@@ -6,7 +6,8 @@ wrapped (the server's wrappers live in ``vllm_umim.server.patches``):
 
 * ``EngineArgs.create_engine_config``: when ``additional_config["umim"]`` is present, check the
   rules / module / tokenizer files (one clear error before any engine process starts), record
-  their content fingerprint in the config (so vLLM's compile cache follows the files), select the
+  their content fingerprint in the config (so vLLM's compile cache follows the files) and their
+  sha256 (the EngineCore and workers refuse a file changed since), select the
   UMIM scheduler and worker, turn vLLM's "auto" async scheduling off (refuse it when asked for
   explicitly), choose the V1 model runner where the user left it to vLLM, and refuse unsupported
   setups (a KV connector among them: merge figures ride on ``kv_transfer_params``); turn vLLM's
@@ -67,8 +68,8 @@ def _create_engine_config(original):
         config = UmimConfig.from_dict(options)
         if self.kv_transfer_config is not None or self.kv_offloading_size is not None:
             raise UmimError(f"UMIM cannot run with {KV_CONNECTOR_REFUSAL}")  # before any file is read
-        fingerprint = validate_umim_files(self, config)
-        self.additional_config = {**self.additional_config, CONFIG_KEY: {**options, "fingerprint": fingerprint}}
+        checked = validate_umim_files(self, config)  # fingerprint, and the files' sha256 the engine processes verify
+        self.additional_config = {**self.additional_config, CONFIG_KEY: {**options, **checked}}
         if self.scheduler_cls not in (None, SCHEDULER_CLS):
             raise UmimError(f"UMIM brings its own scheduler; remove scheduler_cls={self.scheduler_cls!r}")
         self.scheduler_cls = SCHEDULER_CLS

@@ -25,7 +25,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
-from vllm_umim.engine.assets import load_engine_rules
+from vllm_umim.engine.assets import load_checked_files
 from vllm_umim.engine.config import UmimConfig, virtual_base
 from vllm_umim.engine.sequence import MergeEvent, MergeState, compress_tokens, merge_newest
 from vllm_umim.engine.stats import STATS_KEY
@@ -71,9 +71,9 @@ class UmimScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
         self.umim_config = UmimConfig.from_vllm_config(vllm_config)
-        self.umim_rules = load_engine_rules(self.umim_config.rules)
-        self.umim_policies: dict[MergeSettings, MergePolicy] = {}
         self.virtual_base = virtual_base(vllm_config)
+        self.umim_rules = load_checked_files(self.umim_config, self.virtual_base, "EngineCore")[0]
+        self.umim_policies: dict[MergeSettings, MergePolicy] = {}
         self.pending_merges: list[MergeEvent] = []
         self.step_confidences: dict[str, float] = {}
         if self.rollback_depth > 0:

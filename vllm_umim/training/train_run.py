@@ -94,13 +94,15 @@ class TrainJob:
 
 def build_teacher_caches(job: TeacherCacheJob, frozen, cache_dir: Path, max_tokens: int) -> None:
     """``cache_dir/val`` and ``cache_dir/train`` for ``max_tokens`` raw training tokens of the corpus
-    (resumable; a cache built from other windows, rules or k is refused with a TeacherCacheError)."""
+    (resumable; a cache built from other windows, rules, k, model or corpus file is refused with a
+    TeacherCacheError, see ``teacher_cache.COMPARED``)."""
+    from vllm_umim.files import file_sha256
     from vllm_umim.module.batches import corpus_windows
     from vllm_umim.training.teacher_cache import build_cache
 
     train_w, val_w = corpus_windows(job.corpus, frozen.tokenizer, job.seq_len, max_tokens, job.val_windows, job.seed)
-    options = {"k": job.k, "batch_size": job.teacher_batch_size, "manifest": {"corpus": str(job.corpus), "model": str(job.model)},
-               "progress": job.progress, "ray": job.ray}
+    manifest = {"corpus": str(job.corpus), "corpus_sha256": file_sha256(job.corpus), "model": str(job.model)}
+    options = {"k": job.k, "batch_size": job.teacher_batch_size, "manifest": manifest, "progress": job.progress, "ray": job.ray}
     if val_w:
         build_cache(frozen.model, frozen.rules, val_w, Path(cache_dir) / "val", **options)
     build_cache(frozen.model, frozen.rules, train_w, Path(cache_dir) / "train", **options)

@@ -12,8 +12,14 @@
 * Checkpoint (``ckpt-last.safetensors``: module, optimizer, scheduler, step and counters; see
   :mod:`~vllm_umim.training.checkpoint`) every ``checkpoint_every`` steps and at the end, plus
   ``module-step<N>.safetensors`` snapshots; ``resume=True`` continues from it exactly (same data
-  order). Resuming with a larger ``max_tokens`` stretches the LR schedule over the new budget.
-* ``log.jsonl``: one line per logged step/evaluation (the learning curve).
+  order, bit for bit). Resuming with a larger ``max_tokens`` stretches the LR schedule over the new budget.
+* Resume checks provenance: the checkpoint records the ``TrainConfig`` and the run's shape (world
+  size, training windows, sequence length, rules, model). Only ``SAFE_CHANGES`` may differ on
+  resume (each accepted change is one ``{"resumed": ...}`` record in ``log.jsonl``); any other
+  difference (``lr``, ``batch_size``, ``seed``, ...) is one ``CheckpointError`` listing the fields
+  with their old and new values, since it would silently change the optimizer or the data order.
+* ``log.jsonl``: one line per logged step/evaluation (the learning curve). A resume cuts it back
+  to the checkpoint's step (records of steps redone are dropped); a fresh start empties it.
 * Refinement (issue 10): ``train(..., module=base.refined(ngrams))`` with ``train_part="refinement"``
   trains only the per-rule residuals (:mod:`~vllm_umim.module.refinement`) of a trained module;
   the module's own weights stay fixed, so step 0 is exactly the module being refined.
@@ -32,6 +38,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -41,11 +48,12 @@ from pathlib import Path
 
 import torch
 
-from vllm_umim.errors import OptionError, TeacherCacheError
+from vllm_umim.errors import CheckpointError, OptionError, TeacherCacheError
+from vllm_umim.files import write_bytes_atomic
 from vllm_umim.module.file_format import model_identity, save_module
 from vllm_umim.module.merge_module import VARIANTS, MergeModule, MergeModuleConfig
 from vllm_umim.module.batches import collate, segment
-from vllm_umim.training.checkpoint import load_checkpoint, save_checkpoint
+from vllm_umim.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from vllm_umim.training.loss import TARGETS, batch_loss, distillation_loss
 from vllm_umim.training.reader import CONFIG_KEY as READER_KEY
 from vllm_umim.training.reader import ReaderConfig, adapt, adapter_sha256, adapter_state, load_adapter_state, save_adapter
@@ -55,6 +63,10 @@ TRAIN_PARTS = ("all", "refinement")
 PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "linear")
 CHECKPOINT = "ckpt-last.safetensors"  # resume state (training/checkpoint.py): no pickle
+LOG = "log.jsonl"
+# TrainConfig fields a resume may change: they touch neither the optimizer nor the data order
+# (max_tokens stretches the LR schedule over the new budget; extra is metadata such as paths)
+SAFE_CHANGES = ("max_tokens", "eval_every", "checkpoint_every", "log_every", "patience", "progress", "extra")
 
 
 @dataclass
@@ -131,6 +143,8 @@ class Trainer:
         self.module = module or MergeModule(MergeModuleConfig(hidden, num_heads=config.heads, variant=config.variant))
         self.module.train()
         self.trainable = trainable_parameters(self.module, config.train_part)
+        self.identity = model_identity(model.config)
+        self.check_cache_model(model)  # the frozen model, before any adapter is injected
         self.reader = reader if reader is not None and reader.rank else None
         if self.reader is not None:
             self.trainable += adapt(self.model, self.reader)
@@ -157,9 +171,26 @@ class Trainer:
         self.bad_evals = 0
         self.stopped_early = False
         self.history: list[dict] = []
+        self.best_state: dict[str, torch.Tensor] | None = None  # weights of best.safetensors, kept for the checkpoint
         self.elapsed = 0.0
-        self.identity = model_identity(model.config)
         self.tokenizer_fingerprint = tokenizer_fingerprint or rules.tokenizer_fingerprint
+
+    def check_cache_model(self, model) -> None:
+        """The teacher caches hold this model's targets (where their manifests record the model)."""
+        from vllm_umim.training.teacher_cache import teacher_fingerprint
+
+        fingerprint = None
+        for cache in (self.train, self.val):
+            if cache is None:
+                continue
+            recorded = cache.manifest.get("model_identity")
+            if recorded is not None and recorded != self.identity:
+                raise TeacherCacheError(f"teacher cache {cache.dir} was built for model {recorded}, not {self.identity}")
+            if cache.manifest.get("teacher_fingerprint") is not None:
+                fingerprint = fingerprint or teacher_fingerprint(model)
+                if cache.manifest["teacher_fingerprint"] != fingerprint:
+                    raise TeacherCacheError(f"teacher cache {cache.dir} was built with other weights (teacher_fingerprint "
+                                            f"{cache.manifest['teacher_fingerprint']}, this model {fingerprint})")
 
     def autocast(self):
         """bf16 autocast for the student when ``precision="bf16"``, else nothing."""
@@ -224,8 +255,24 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.rank == 0:
             self.history.append(record)
-            with open(self.out / "log.jsonl", "a") as f:
+            with open(self.out / LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def truncate_log(self, step: int) -> None:
+        """Keep the records of steps ``<= step`` (none for ``step < 0``); a line cut short by a kill
+        is dropped. Rewritten atomically."""
+        path = self.out / LOG
+        if self.rank != 0 or not path.exists():
+            return
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+        write_bytes_atomic("".join(kept).encode(), path)
 
     def training_meta(self) -> dict:
         return {
@@ -257,7 +304,7 @@ class Trainer:
             return
         module = self.module
         if module_state is not None:
-            module = MergeModule(self.module.config)
+            module = copy.deepcopy(self.module)
             module.load_state_dict(module_state)
         meta = self.training_meta()
         if self.reader is not None and module_state is None:
@@ -265,30 +312,110 @@ class Trainer:
             meta[READER_KEY] = adapter_sha256(folder)
         save_module(module, path, self.identity, self.tokenizer_fingerprint, self.rules.fingerprint, meta)
 
+    def save_best(self) -> None:
+        """The current module is the best so far: ``best.safetensors``, and its weights for the checkpoint."""
+        self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.save_snapshot(self.out / "best.safetensors")
+
+    def run_shape(self) -> dict:
+        """What fixes the data order and the targets besides the TrainConfig: checked on resume."""
+        return {"world_size": self.world, "train_windows": len(self.train), "seq_len": self.train.seq_len,
+                "rules_fingerprint": self.rules.fingerprint, "model": self.identity,
+                "reader": asdict(self.reader) if self.reader is not None else None}
+
     def checkpoint(self) -> None:
         if self.rank != 0:
             return
+        self.save_snapshot(self.out / f"module-step{self.step}.safetensors")  # before the checkpoint that names its step
         counters = {key: getattr(self, key) for key in self.COUNTERS}
-        extra = adapter_state(self.model) if self.reader is not None else None
-        save_checkpoint(self.out / CHECKPOINT, self.module, self.optimizer, self.scheduler, {**counters, "config": asdict(self.cfg)},
-                        extra=extra)
-        self.save_snapshot(self.out / f"module-step{self.step}.safetensors")
+        extra = {f"best/{k}": v for k, v in (self.best_state or {}).items()}
+        if self.reader is not None:  # the adapters as they are now (the best ones are in best.reader/)
+            extra.update({f"reader/{k}": v for k, v in adapter_state(self.model).items()})
+        save_checkpoint(self.out / CHECKPOINT, self.module, self.optimizer, self.scheduler,
+                        {**counters, "config": asdict(self.cfg), "run": self.run_shape()}, extra_tensors=extra)
+
+    def config_changes(self, path: Path, saved: dict) -> dict:
+        """``{field: [old, new]}`` for the safe changes; one CheckpointError listing every other one."""
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: the checkpoint records no training configuration")
+        current = asdict(self.cfg)
+        defaults = asdict(TrainConfig())
+        changed = {key: [saved.get(key, defaults.get(key)), value] for key, value in current.items()
+                   if saved.get(key, defaults.get(key)) != value}
+        refused = {key: pair for key, pair in changed.items() if key not in SAFE_CHANGES}
+        if refused:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise CheckpointError(f"{path}: cannot resume with a changed {', '.join(refused)} ({listed}); only "
+                                  f"{', '.join(SAFE_CHANGES)} may change. Resume with the checkpoint's values or "
+                                  "start a new run folder")
+        return changed
+
+    def check_run_shape(self, path: Path, saved: dict | None) -> None:
+        if saved is None:  # a checkpoint written before the run's shape was recorded
+            return
+        current = self.run_shape()
+        differ = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+        if differ:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in differ.items())
+            raise CheckpointError(f"{path}: this run is not the checkpoint's ({listed}); the data order or the "
+                                  "targets would change mid-run. Resume with the same teacher cache, rules, model "
+                                  "and process count, or start a new run folder")
 
     def resume(self) -> bool:
+        """Continue from ``ckpt-last.safetensors`` if there is one (False: none, a fresh start).
+        Refuses (CheckpointError) a changed configuration or run; cuts ``log.jsonl`` back to the
+        checkpoint's step and records the safe changes there."""
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        load_extra = (lambda state: load_adapter_state(self.model, state, path)) if self.reader is not None else None
-        counters = load_checkpoint(path, self.module, self.optimizer, self.scheduler, load_extra=load_extra)
+        loaded = read_checkpoint(path)
+        counters = loaded[1]["trainer"]
+        if not isinstance(counters, dict) or any(key not in counters for key in self.COUNTERS):
+            raise CheckpointError(f"{path}: the trainer state lacks "
+                                  f"{', '.join(k for k in self.COUNTERS if not isinstance(counters, dict) or k not in counters)}")
+        changed = self.config_changes(path, counters.get("config"))
+        self.check_run_shape(path, counters.get("run"))
+        load_checkpoint(path, self.module, self.optimizer, self.scheduler, loaded=loaded)
+        adapters = {k.removeprefix("reader/"): v for k, v in loaded[0].items() if k.startswith("reader/")}
+        if self.reader is not None:
+            load_adapter_state(self.model, adapters, path)
+        elif adapters:
+            raise CheckpointError(f"{path}: the checkpoint holds an adapted reader's adapters; this run has none (--reader-rank)")
         for key in self.COUNTERS:
             setattr(self, key, counters[key])
+        best = {k.removeprefix("best/"): v for k, v in loaded[0].items() if k.startswith("best/")}
+        self.best_state = best or None
+        self.restore_best()
+        self.truncate_log(self.step)
+        self.log({"step": self.step, "tokens": self.tokens_seen, "resumed": True,
+                  "changed": {key: pair for key, pair in changed.items() if key != "progress"}})
         return True
+
+    def restore_best(self) -> None:
+        """``best.safetensors`` as the checkpoint knows it: a kill after a later improvement leaves a
+        newer file, which the steps redone may not reproduce (another ``eval_every``)."""
+        best = self.out / "best.safetensors"
+        if self.rank != 0 or self.best_state is None or self.val is None:
+            return
+        from vllm_umim.errors import UmimError
+        from vllm_umim.module.file_format import load_module
+
+        try:
+            on_disk = load_module(best)[0].state_dict() if best.exists() else None
+        except UmimError:
+            on_disk = None
+        if on_disk is not None and on_disk.keys() == self.best_state.keys() and all(
+                torch.equal(on_disk[k], v) for k, v in self.best_state.items()):
+            return
+        self.save_snapshot(best, module_state=self.best_state)
 
     def fit(self) -> dict:
         """Train until the token budget is spent or validation stops improving; returns the
         training record. Each step: one batch, one optimizer step, then logging, validation and
         checkpoints on their schedules."""
         bar = self.progress_bar()
+        if self.step == 0:
+            self.truncate_log(-1)  # a fresh start: no records of an earlier run in this folder
         self.validate_start()
         started = time.perf_counter() - self.elapsed
         ema = None
@@ -319,7 +446,7 @@ class Trainer:
         if self.step == 0 and self.rank == 0 and self.val is not None:
             val = self.validate()
             self.best_val, self.best_step = val, 0
-            self.save_snapshot(self.out / "best.safetensors")
+            self.save_best()
             self.log({"step": 0, "tokens": 0, "val_loss": val, **self.raw_record()})
 
     def raw_record(self) -> dict:
@@ -367,7 +494,7 @@ class Trainer:
             improved = val < self.best_val
             if improved:
                 self.best_val, self.best_step, self.bad_evals = val, self.step, 0
-                self.save_snapshot(self.out / "best.safetensors")
+                self.save_best()
             else:
                 self.bad_evals += 1
             self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": round(val, 5), "best": improved, **self.raw_record()})
