@@ -219,9 +219,10 @@ class UmimScheduler(Scheduler):
                 confidence = self.step_confidences.get(request.request_id, float("nan"))
                 state.output_confidences += [confidence] * len(new_token_ids)
             if state.dynamic and not stopped:
-                self.umim_fault_switch.check("decode", request.request_id)
                 event = merge_newest(request, self.virtual_base, self.hash_block_size)
                 if event is not None:
+                    # injected where it hurts most: the sequence is rewritten, the worker not yet told
+                    self.umim_fault_switch.check("decode", request.request_id)
                     self.pending_merges.append(event)
         except Exception as e:  # the sequence may be half-way through a merge: end this request only
             self._record_fault(request, "decode", e)
