@@ -143,3 +143,25 @@ def test_penalty_prompt_gather_pads_an_id_past_the_rule_table():
     tokens = raw_prompt_token_ids(batch, rules.padded.long()).tolist()
     assert sorted(t for t in tokens[0] if t != V) == [1]  # the unknown id became pads
     assert sorted(t for t in tokens[1] if t != V) == [2, 7, 8]  # the healthy row is unchanged
+
+
+class ProfilingRunner:
+    """Stands in for vLLM's runner: its dummy sampler run records what UMIM holds during it."""
+
+    def __init__(self, dtype):
+        self.model = SimpleNamespace(compute_logits=lambda hidden: torch.zeros(len(hidden), 50, dtype=dtype))
+        self.held = None
+
+    def _dummy_sampler_run(self, hidden_states):
+        reserve = getattr(self, "umim_profile_reserve", None)
+        self.held = None if reserve is None else (tuple(reserve.shape), reserve.dtype)
+        return "sampled"
+
+
+@pytest.mark.parametrize("dtype, held", [(torch.float32, ((8, 50), torch.float32)), (torch.bfloat16, None)])
+def test_profiling_holds_the_gated_rows_only_for_fp32_logits(dtype, held):
+    from vllm_umim.engine.model_runner import UmimModelRunnerMixin
+
+    runner = type("Runner", (UmimModelRunnerMixin, ProfilingRunner), {})(dtype)
+    assert runner._dummy_sampler_run(torch.zeros(8, 16)) == "sampled"
+    assert runner.held == held and not hasattr(runner, "umim_profile_reserve")

@@ -254,6 +254,11 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            "For the confidence-gated requests the scheduler names, the probability of each one's sampled token "
            "under the model's own distribution (softmax of the logits as they were before the sampler edited "
            "them), computed a few rows at a time after sampling."),
+        _r("GPUModelRunner._dummy_sampler_run", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '89f93aae52e8',
+           "engine/model_runner.py",
+           "vLLM's profiling run, whose peak sizes the KV cache: with fp32 logits (which the sampler edits in "
+           "place, so `_sample` keeps the gated rows' logits through it) a logits-sized fp32 tensor is held "
+           "while it runs.", needles=("logits = self.model.compute_logits(hidden_states)",)),
         _r("GPUModelRunner._get_prompt_logprobs_dict", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '889fdb068dfc',
            "engine/model_runner.py",
            "Prompt logprobs of a merged prompt: vLLM gathers each row's target from the prompt ids, and a merged "

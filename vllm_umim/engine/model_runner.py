@@ -14,6 +14,8 @@ prompt when a request is added and appends every sampled token. With UMIM the ro
   the probability of each one's sampled token under the model's own distribution, on the
   ``ModelRunnerOutput`` as ``umim_confidences`` (computed ``CONFIDENCE_CHUNK_ROWS`` rows at a time,
   see ``sampled_token_probabilities``);
+* ``_dummy_sampler_run``: with fp32 logits, vLLM's profiling run also holds the logits rows that
+  ``_sample`` keeps through the sampler;
 * ``_get_prompt_logprobs_dict``: prompt logprobs of a merged prompt, a merged span's row marked
   NaN (never a number for a token that was not scored);
 * request states report their compressed length as ``num_tokens`` (``UmimRequestState``), which
@@ -173,10 +175,24 @@ class UmimModelRunnerMixin:
         sampler_output = super()._sample(logits, spec_decode_metadata)
         if rows is not None:
             sampled = sampler_output.sampled_token_ids[:, 0].long().index_select(0, rows)
-            source_rows = torch.arange(len(rows), device=rows.device) if source is not logits else rows
-            confidences = sampled_token_probabilities(source, source_rows, sampled).tolist()
+            confidences = sampled_token_probabilities(source, rows if source is logits else None, sampled).tolist()
             self.umim_step_confidences = dict(zip(req_ids, confidences))
         return sampler_output
+
+    def _dummy_sampler_run(self, hidden_states):
+        """vLLM's profiling run (its peak sizes the KV cache on GPU). With fp32 logits, ``_sample``
+        keeps the gated rows' logits (at most every row) through the sampler, which edits fp32
+        logits in place: that many fp32 rows are held here while vLLM's dummy sampler runs, so the
+        profiled peak includes them. Logits of other dtypes need nothing: the sampler works on its own
+        fp32 copy, and the probabilities are computed after it, a chunk of rows at a time."""
+        probe = self.model.compute_logits(hidden_states[:1])
+        if probe is None or probe.dtype != torch.float32:
+            return super()._dummy_sampler_run(hidden_states)
+        self.umim_profile_reserve = torch.empty(hidden_states.shape[0], probe.shape[-1], dtype=torch.float32, device=probe.device)
+        try:
+            return super()._dummy_sampler_run(hidden_states)
+        finally:
+            del self.umim_profile_reserve
 
     def sample_tokens(self, *args, **kwargs):
         self.umim_step_confidences = None
@@ -225,17 +241,19 @@ class UmimModelRunnerMixin:
         self.input_batch.num_tokens_no_spec[row] = end
 
 
-def sampled_token_probabilities(logits: torch.Tensor, rows: torch.Tensor, sampled: torch.Tensor,
+def sampled_token_probabilities(logits: torch.Tensor, rows: torch.Tensor | None, sampled: torch.Tensor,
                                 chunk_rows: int = CONFIDENCE_CHUNK_ROWS) -> torch.Tensor:
-    """``softmax(logits[rows[i]].float())[sampled[i]]`` for each i, ``chunk_rows`` rows at a time:
-    the full-vocabulary fp32 softmax never holds more than ``chunk_rows`` rows (extra memory about
-    2 x chunk_rows x vocab x 4 bytes, whatever the batch), and each row's value is the one the
-    whole-batch softmax gives (the softmax is per row)."""
-    out = torch.empty(len(rows), dtype=torch.float32, device=logits.device)
-    for start in range(0, len(rows), chunk_rows):
-        block = logits.index_select(0, rows[start : start + chunk_rows]).float()
-        probs = torch.softmax(block, dim=-1)
-        out[start : start + chunk_rows] = probs.gather(1, sampled[start : start + chunk_rows, None])[:, 0]
+    """``softmax(logits[rows[i]].float())[sampled[i]]`` for each i (``rows`` None: every row in
+    order), ``chunk_rows`` rows at a time: the full-vocabulary fp32 softmax never holds more than
+    ``chunk_rows`` rows (extra memory at most 2 x chunk_rows x vocab x 4 bytes, whatever the
+    batch), and each row's value is the one the whole-batch softmax gives (the softmax is per row)."""
+    count = len(logits) if rows is None else len(rows)
+    out = torch.empty(count, dtype=torch.float32, device=logits.device)
+    for start in range(0, count, chunk_rows):
+        end = min(start + chunk_rows, count)
+        block = logits[start:end] if rows is None else logits.index_select(0, rows[start:end])
+        probs = torch.softmax(block.float(), dim=-1)
+        out[start:end] = probs.gather(1, sampled[start:end, None])[:, 0]
         del block, probs
     return out
 
