@@ -165,3 +165,20 @@ def test_profiling_holds_the_gated_rows_only_for_fp32_logits(dtype, held):
     runner = type("Runner", (UmimModelRunnerMixin, ProfilingRunner), {})(dtype)
     assert runner._dummy_sampler_run(torch.zeros(8, 16)) == "sampled"
     assert runner.held == held and not hasattr(runner, "umim_profile_reserve")
+
+
+def test_runner_reports_an_id_past_the_rule_table_as_that_requests_fault():
+    """The step's surrogate gather clamps ids; the per-request check before it must catch one past
+    the table (it would otherwise silently embed as the last rule) and fault that request only."""
+    from vllm_umim.engine.model_runner import UmimModelRunnerMixin
+
+    runner = UmimModelRunnerMixin()
+    runner.umim_virtual_base, runner.umim_id_limit = V, V + 10
+    runner.umim_fault_switch, runner.umim_faults = FaultSwitch.parse("gather:inject"), {}
+    assert runner._guarded("a", runner._check_virtual_ids, "a", [1, V + 9])
+    assert not runner._guarded("b", runner._check_virtual_ids, "b", [1, V + 10])
+    assert not runner._guarded("inject-c", runner._check_virtual_ids, "inject-c", [1])
+    assert sorted(runner.umim_faults) == ["b", "inject-c"]
+    assert runner.umim_faults["b"]["hook"] == "gather"
+    assert runner.umim_faults["b"]["error"].startswith(f"MergeStateError: request b: id {V + 10} is past the rule table")
+    assert runner.umim_faults["inject-c"]["error"].startswith("InjectedFault")

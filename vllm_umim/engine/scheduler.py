@@ -25,7 +25,7 @@ unmerges, that request only, never the engine. Policies are cached per settings 
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -84,7 +84,6 @@ class UmimScheduler(Scheduler):
         self.umim_policies: OrderedDict[MergeSettings, MergePolicy] = OrderedDict()
         self.umim_gated: set[str] = set()  # live requests whose policy reads sampled-token probabilities
         self.umim_fault_switch = FaultSwitch.from_env()
-        self.umim_fault_counts: Counter[str] = Counter()  # faults per hook, this engine's lifetime
         self.virtual_base = virtual_base(vllm_config)
         self.pending_merges: list[MergeEvent] = []
         self.step_confidences: dict[str, float] = {}
@@ -117,7 +116,6 @@ class UmimScheduler(Scheduler):
     def _record_fault(self, request: Request, hook: str, error: BaseException) -> None:
         """Log a hook's exception (one line) and keep it for the request's final output."""
         logger.error("UMIM %s hook failed for request %s: %s: %s", hook, request.request_id, type(error).__name__, error)
-        self.umim_fault_counts[hook] += 1
         if getattr(request, "umim_fault", None) is None:
             request.umim_fault = describe(hook, error)
 
@@ -183,13 +181,14 @@ class UmimScheduler(Scheduler):
     def _finish_runner_faults(self, faults: dict[str, dict]) -> list[tuple[Request, dict | None]]:
         """Finish, with an error, the requests whose runner hook failed this step, before vLLM reads
         the step's output (their sampled tokens are dropped). Returns them with their final params."""
+        if not faults:
+            return []
         failed = []
         for request_id, fault in faults.items():
             request = self.requests.get(request_id)
             if request is None or request.is_finished():
                 continue
             logger.error("UMIM %s hook failed for request %s: %s", fault["hook"], request_id, fault["error"])
-            self.umim_fault_counts[fault["hook"]] += 1
             request.umim_fault = fault
             request.resumable = False
             failed.append(request)
