@@ -65,6 +65,16 @@ class StatisticsError(UmimError):
     """Scores that cannot be summarized: none at all, or paired scores over different items."""
 
 
+class MergeStateError(UmimError):
+    """A request's merge bookkeeping is inconsistent (an engine-internal check that replaces an
+    ``assert``): the engine ends that request with an error, never itself."""
+
+
+class InjectedFault(UmimError):
+    """Raised by a UMIM engine hook that the test-only ``VLLM_UMIM_FAULT`` switch names
+    (``vllm_umim.engine.faults``)."""
+
+
 class AlignmentError(RuntimeError):
     """A segmentation, or the teacher/student rows of a batch, disagree (App. C: never align
     silently). An internal consistency error, not bad user input."""

@@ -65,7 +65,10 @@ def test_a_rules_file_is_left_alone():
         ("[1, 2]", "must hold a JSON object"),
         ('{"mode": "prompt", "windw": 4}', r"unknown key\(s\) \['windw'\]"),
         ('{"mode": "fast"}', "mode must be one of"),
-        ('{"window": -1}', "window must be an integer >= 0"),
+        ('{"window": -1}', "window must be an integer from 0 to 128"),
+        ('{"window": 100000}', "window must be an integer from 0 to 128, got 100000"),
+        ('{"max_window": 129}', "max_window must be an integer from 0 to 128, got 129"),
+        ('{"max_window": "8"}', "max_window must be an integer from 0 to 128"),
         ('{"min_confidence": 2}', r"min_confidence must be a number in \[0, 1\]"),
     ],
 )

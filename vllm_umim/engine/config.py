@@ -13,8 +13,8 @@ beside the rules file), ``mode`` ("dynamic": prompt and decode merging, pseudoco
 newest W tokens stay unmerged, ``vllm_umim.policies.raw_window``), ``min_confidence`` (decode
 merges only of spans sampled with at least this probability, default 0 = off,
 ``vllm_umim.policies.confidence_gate``), ``max_window`` (the largest window a request may ask for;
-default ``window``: decode rollbacks reach ``max_span - 1 + max_window`` positions back, and that
-many of a running request's newest positions stay out of the prefix cache), ``table_budget_mib``
+default ``window``, at most ``MAX_WINDOW`` = 128: decode rollbacks reach ``max_span - 1 + max_window``
+positions back, and that many of a running request's newest positions stay out of the prefix cache), ``table_budget_mib``
 (memory for the precomputed surrogate table, default 1024 MiB; a rule set whose table would be
 larger runs the merge module inside every step instead, see ``vllm_umim.engine.embedding``).
 ``fingerprint`` and ``files`` are set by UMIM itself at start-up: a content hash of rules and
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from vllm_umim.engine.operating_point import resolve_operating_point
 from vllm_umim.errors import UmimError
-from vllm_umim.policies.settings import MODES, MergeSettings
+from vllm_umim.policies.settings import MAX_WINDOW, MODES, MergeSettings
 
 CONFIG_KEY = "umim"
 DEFAULT_MODULE_NAMES = ("module.safetensors", "merge_module.safetensors")
@@ -102,8 +102,8 @@ class UmimConfig:
         except ValueError as e:
             raise UmimError(f"UMIM option: {e}") from None
         max_window = options.get("max_window", merge.window)
-        if isinstance(max_window, bool) or not isinstance(max_window, int) or max_window < merge.window:
-            raise UmimError(f"UMIM max_window must be an integer >= window ({merge.window}), got {max_window!r}")
+        if isinstance(max_window, bool) or not isinstance(max_window, int) or not merge.window <= max_window <= MAX_WINDOW:
+            raise UmimError(f"UMIM max_window must be an integer from window ({merge.window}) to {MAX_WINDOW}, got {max_window!r}")
         budget = options.get("table_budget_mib", DEFAULT_TABLE_BUDGET_MIB)
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0:
             raise UmimError(f"UMIM table_budget_mib must be a number >= 0 (MiB), got {budget!r}")

@@ -142,28 +142,43 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
         _r("Scheduler.add_request", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, 'fa2b51cd04a9',
            "engine/scheduler.py",
            "Compresses the prompt (prefill merging) before vLLM sees its length, so every position, block and "
-           "budget vLLM computes is of the compressed sequence."),
+           "budget vLLM computes is of the compressed sequence; if that raises, the raw prompt is restored and "
+           "the request served unmerged."),
         _r("Scheduler.schedule", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, 'da4f2cf2fc39',
            "engine/scheduler.py",
-           "Hands the step's decode merges and whether any running request needs sampled-token probabilities to "
+           "Hands the step's decode merges and the running requests that need sampled-token probabilities to "
            "the workers on the `SchedulerOutput`."),
         _r("Scheduler.update_from_output", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, '85b29db96051',
            "engine/scheduler.py",
-           "Keeps the step's sampled-token probabilities for `_update_request_with_output`; gives requests with stop "
-           "strings their figures on every output (the frontend, not the engine, finishes those)."),
+           "Keeps the step's sampled-token probabilities for `_update_request_with_output`; finishes the requests "
+           "the runner reported faults for (`finish_requests`, `FINISHED_ERROR`) before vLLM reads their "
+           "sampled tokens, and adds their final outputs; gives requests with stop strings their figures on "
+           "every output (the frontend, not the engine, finishes those)."),
         _r("Scheduler._update_request_with_output", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE,
            'ff6e3f664c99', "engine/scheduler.py",
            "After vLLM appended the sampled token and ran its stop checks: merge the span completed at the decode "
-           "frontier (pseudocode 4) and roll `num_computed_tokens` back to the span's start."),
+           "frontier (pseudocode 4) and roll `num_computed_tokens` back to the span's start. If that raises, the "
+           "request's status becomes `FINISHED_ERROR` and it stops (vLLM's own path for a grammar rejection)."),
         _r("Scheduler._free_request", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, '1b386dca84e6',
            "engine/scheduler.py",
-           "Returns the request's merge figures as `kv_transfer_params` (vLLM returns the KV connector's, None "
-           "without one: hence KV connectors are refused)."),
+           "Returns the request's merge figures and UMIM fault, if any, as `kv_transfer_params` (vLLM returns "
+           "the KV connector's, None without one: hence KV connectors are refused)."),
+        _r("Scheduler.finish_requests", "vllm.v1.core.sched.scheduler", READ, SOURCE, 'b7a4ef7b8aa5',
+           "engine/scheduler.py",
+           "Called with `FINISHED_ERROR` for requests a runner hook failed for: removes them from the queues and "
+           "frees them through `_free_request`, whose return value it drops.",
+           needles=("self._free_request(request, delay_free_blocks=delay_free_blocks)",)),
+        _r("RequestStatus.FINISHED_ERROR", "vllm.v1.request", WRITE, VALUE, '<RequestStatus.FINISHED_ERROR: 11>', "engine/scheduler.py",
+           "The status a request a UMIM hook failed for finishes with (`finish_reason` \"error\"; the OpenAI "
+           "server answers with an error)."),
+        _r("EngineCoreOutputs.outputs", "vllm.v1.engine", WRITE, FIELD, 'list[vllm.v1.engine.EngineCoreOutput]', "engine/scheduler.py",
+           "Gets the final output of each request finished for a runner fault (vLLM skips finished requests "
+           "when it reads the step's samples)."),
         _r("EngineCoreOutput.kv_transfer_params", "vllm.v1.engine", WRITE, FIELD, 'dict[str, typing.Any] | None',
            "engine/scheduler.py", "Figures so far on every output of a request with stop strings."),
         _r("SchedulerOutput", "vllm.v1.core.sched.output", WRITE, OPEN, "", "engine/scheduler.py",
-           "Gets `umim_merges` (the step's `MergeEvent`s) and `umim_wants_confidences`; the object travels "
-           "pickled to every worker."),
+           "Gets `umim_merges` (the step's `MergeEvent`s) and `umim_confidence_req_ids` (running requests whose "
+           "policy reads sampled-token probabilities); the object travels pickled to every worker."),
         _r("KVCacheCoordinator.num_reprefillable_tokens", "vllm.v1.core.kv_cache_coordinator", WRITE, PRESENT, "",
            "engine/scheduler.py",
            "Raised to the rollback depth (`max_span - 1 + max_window`): the newest computed positions, which a "
@@ -213,7 +228,7 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            needles=("start_token_idx = len(request.block_hashes) * hash_block_size",
                     "block_tokens = request.all_token_ids[start_token_idx:end_token_idx]")),
         _r("Request", "vllm.v1.request", WRITE, OPEN, "", "engine/scheduler.py",
-           "Gets `umim`: the request's `MergeState` (policy, figures)."),
+           "Gets `umim`: the request's `MergeState` (policy, figures); `umim_fault` when a UMIM hook failed for it."),
     ]),
     ("Worker and model runner", [
         _r("CPUWorker.init_device", "vllm.v1.worker.cpu_worker", OVERRIDE, SOURCE, '11721464aeb0', "engine/worker.py",
@@ -236,23 +251,30 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            "`UmimRequestState`.", needles=("req_state = CachedRequestState(",)),
         _r("GPUModelRunner._sample", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '5cb5c1da02cf',
            "engine/model_runner.py",
-           "When asked, the probability of each sampled token under the model's own distribution (softmax of "
-           "the logits before the sampler edits them), for confidence-gated policies."),
+           "For the confidence-gated requests the scheduler names, the probability of each one's sampled token "
+           "under the model's own distribution (softmax of the logits as they were before the sampler edited "
+           "them), computed a few rows at a time after sampling."),
+        _r("GPUModelRunner._dummy_sampler_run", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '89f93aae52e8',
+           "engine/model_runner.py",
+           "vLLM's profiling run, whose peak sizes the KV cache: with fp32 logits (which the sampler edits in "
+           "place, so `_sample` keeps the gated rows' logits through it) a logits-sized fp32 tensor is held "
+           "while it runs.", needles=("logits = self.model.compute_logits(hidden_states)",)),
         _r("GPUModelRunner._get_prompt_logprobs_dict", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '889fdb068dfc',
            "engine/model_runner.py",
            "Prompt logprobs of a merged prompt: vLLM gathers each row's target from the prompt ids, and a merged "
            "span's virtual id lies past the vocabulary, so such rows are computed with a stand-in target and "
            "marked (logprob NaN, rank -1); a raw target's row is vLLM's own."),
         _r("GPUModelRunner.sample_tokens", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '047e6a4738de',
-           "engine/model_runner.py", "Puts those probabilities on the `ModelRunnerOutput`.",
+           "engine/model_runner.py", "Puts those probabilities, and the step's per-request faults, on the "
+           "`ModelRunnerOutput` (never on vLLM's shared `EMPTY_MODEL_RUNNER_OUTPUT`).",
            needles=("sampler_output = self._sample(logits, spec_decode_metadata)",)),
         _r("GPUModelRunner.requests", "vllm.v1.worker.gpu_model_runner", READ, PRESENT, "", "engine/model_runner.py",
            "The runner's request states (`requests`, whose class UMIM swaps) and persistent batch (`input_batch`).",
            anchor="GPUModelRunner.__init__", needles=(
                "self.requests: dict[str, CachedRequestState] = {}", "self.input_batch = InputBatch(")),
         _r("ModelRunnerOutput", "vllm.v1.outputs", WRITE, OPEN, "", "engine/model_runner.py, engine/scheduler.py",
-           "Gets `umim_confidences` ({request id: probability of its sampled token}); travels pickled to the "
-           "scheduler."),
+           "Gets `umim_confidences` ({request id: probability of its sampled token}) and `umim_faults` "
+           "({request id: fault} for requests whose runner hook failed); travels pickled to the scheduler."),
         _r("SamplerOutput.sampled_token_ids", "vllm.v1.outputs", READ, FIELD, "torch.Tensor", "engine/model_runner.py",
            "The sampled ids whose probabilities `_sample` gathers."),
         _r("CachedRequestData.resumed_req_ids", "vllm.v1.core.sched.output", READ, FIELD, "set[str]",

@@ -10,9 +10,12 @@ prompt when a request is added and appends every sampled token. With UMIM the ro
   (the row from the span's start on = its virtual id and the raw window after it), and re-writes
   the rows of requests vLLM re-adds from their raw outputs (after preemption or a step without
   them);
-* ``_sample`` / ``sample_tokens``: when the scheduler asks (a confidence-gated request is running),
-  send back the probability of each sampled token under the model's own distribution, on the
-  ``ModelRunnerOutput`` as ``umim_confidences``;
+* ``_sample`` / ``sample_tokens``: for the confidence-gated requests the scheduler names, send back
+  the probability of each one's sampled token under the model's own distribution, on the
+  ``ModelRunnerOutput`` as ``umim_confidences`` (computed ``CONFIDENCE_CHUNK_ROWS`` rows at a time,
+  see ``sampled_token_probabilities``);
+* ``_dummy_sampler_run``: with fp32 logits, vLLM's profiling run also holds the logits rows that
+  ``_sample`` keeps through the sampler;
 * ``_get_prompt_logprobs_dict``: prompt logprobs of a merged prompt, a merged span's row marked
   NaN (never a number for a token that was not scored);
 * request states report their compressed length as ``num_tokens`` (``UmimRequestState``), which
@@ -20,6 +23,12 @@ prompt when a request is added and appends every sampled token. With UMIM the ro
 
 The raw sampled tokens stay in ``req_state.output_token_ids``: penalties, ``min_tokens`` and bad
 words read them exactly as in stock vLLM.
+
+Per-request work here is guarded (``vllm_umim.engine.faults``): a request whose merge cannot be
+mirrored, or whose row holds a virtual id outside the rule table, is reported to the scheduler on
+the ``ModelRunnerOutput`` as ``umim_faults`` ({request id: fault}); the scheduler finishes it with an
+error and drops the token it sampled this step. Its row still runs through the step's forward
+(the surrogate gather clamps ids), and the other rows are computed as if it were not there.
 """
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ from functools import partial
 
 import torch
 from vllm.logger import init_logger
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 from vllm.v1.worker.gpu_input_batch import CachedRequestState
 
 from vllm_umim.engine.assets import load_checked_files
 from vllm_umim.engine.config import UmimConfig, virtual_base
 from vllm_umim.engine.embedding import install_surrogate_embedding
+from vllm_umim.engine.faults import FaultSwitch, describe
+from vllm_umim.errors import MergeStateError
 
 logger = init_logger(__name__)
+CONFIDENCE_CHUNK_ROWS = 16  # rows per full-vocabulary fp32 softmax when computing sampled-token probabilities
 
 
 class UmimRequestState(CachedRequestState):
@@ -78,6 +91,9 @@ class UmimModelRunnerMixin:
         self.umim_virtual_base = virtual_base(self.vllm_config)
         rules, module = load_checked_files(config, self.umim_virtual_base, "worker", hf_config=self.model_config.hf_config)
         self.umim_rule_table = rules.padded.long()
+        self.umim_id_limit = self.umim_virtual_base + len(rules)  # ids at or above it index no rule
+        self.umim_fault_switch = FaultSwitch.from_env()
+        self.umim_faults: dict[str, dict] = {}  # found since the last output, sent on the next one
         wrapper = install_surrogate_embedding(self.model, module, rules.padded, self.umim_virtual_base, config.table_budget_mib)
         logger.info(
             "UMIM: merge module with %d parameters installed; surrogates: %s", module.num_parameters(),
@@ -97,38 +113,94 @@ class UmimModelRunnerMixin:
             self.input_batch.umim_raw_prompts = True
         # rows vLLM (re-)writes from prompt + raw outputs this step: new to the batch, or resumed
         kept_rows = set(self.input_batch.req_id_to_index) - set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-        self.umim_wants_confidences = getattr(scheduler_output, "umim_wants_confidences", False)
+        self.umim_confidence_req_ids = getattr(scheduler_output, "umim_confidence_req_ids", frozenset())
         result = super()._update_states(scheduler_output)
         for new_request in scheduler_output.scheduled_new_reqs:
             self.requests[new_request.req_id].__class__ = UmimRequestState
+            self._guarded(new_request.req_id, self._check_new_request, new_request)
         rewritten = set()
         for event in getattr(scheduler_output, "umim_merges", ()):
             req_state = self.requests.get(event.request_id)
-            if req_state is None:  # finished or aborted meanwhile
+            if req_state is None or event.request_id in self.umim_faults:  # finished, aborted or failed meanwhile
                 continue
-            req_state.apply_merge(event.start, event.ids, event.span_length)
-            rewritten.add(event.request_id)
+            if self._guarded(event.request_id, self._apply_merge, req_state, event):
+                rewritten.add(event.request_id)
         for req_id, row in self.input_batch.req_id_to_index.items():
             req_state = self.requests[req_id]
+            if req_id in self.umim_faults:
+                continue
             if req_state.first_merge is not None and (req_id in rewritten or req_id not in kept_rows):
-                self._write_row(row, req_state)
+                self._guarded(req_id, self._write_row, row, req_state)
         return result
 
+    def _guarded(self, req_id: str, hook, *args) -> bool:
+        """Run one request's hook; an exception is kept as that request's fault (reported on the
+        next ``ModelRunnerOutput``) instead of ending the step. Returns whether it succeeded."""
+        try:
+            hook(*args)
+            return True
+        except Exception as e:
+            logger.error("UMIM gather hook failed for request %s: %s: %s", req_id, type(e).__name__, e)
+            self.umim_faults.setdefault(req_id, describe("gather", e))
+            return False
+
+    def _check_virtual_ids(self, req_id: str, ids) -> None:
+        """Every virtual id must index a rule: the step's gather clamps, so an id past the table
+        would otherwise become another rule's surrogate without a sound."""
+        self.umim_fault_switch.check("gather", req_id)
+        highest = max(ids, default=0)
+        if highest >= self.umim_id_limit:
+            raise MergeStateError(f"request {req_id}: id {highest} is past the rule table "
+                                  f"(virtual ids {self.umim_virtual_base} to {self.umim_id_limit - 1})")
+
+    def _check_new_request(self, new_request) -> None:
+        self._check_virtual_ids(new_request.req_id, new_request.prompt_token_ids or ())
+
+    def _apply_merge(self, req_state: UmimRequestState, event) -> None:
+        self._check_virtual_ids(event.request_id, event.ids)
+        req_state.apply_merge(event.start, event.ids, event.span_length)
+
     def _sample(self, logits, spec_decode_metadata):
-        wanted = logits is not None and getattr(self, "umim_wants_confidences", False)
-        probs = torch.softmax(logits.float(), dim=-1) if wanted else None  # before the sampler edits logits
+        rows = None
+        wanted = getattr(self, "umim_confidence_req_ids", None)
+        if logits is not None and wanted:
+            index = self.input_batch.req_id_to_index
+            req_ids = [r for r in wanted if r in index]
+            rows = torch.tensor([index[r] for r in req_ids], dtype=torch.long, device=logits.device)
+        # The sampler edits fp32 logits in place (temperature, penalties); other dtypes it copies to fp32
+        # first. Only the gated rows' logits are kept, and only where the sampler would change them.
+        source = logits.index_select(0, rows) if rows is not None and logits.dtype == torch.float32 else logits
         sampler_output = super()._sample(logits, spec_decode_metadata)
-        if probs is not None:
-            sampled = sampler_output.sampled_token_ids[:, :1].long()
-            confidences = probs.gather(1, sampled)[:, 0].tolist()
-            self.umim_step_confidences = dict(zip(self.input_batch.req_ids, confidences))
+        if rows is not None:
+            sampled = sampler_output.sampled_token_ids[:, 0].long().index_select(0, rows)
+            confidences = sampled_token_probabilities(source, rows if source is logits else None, sampled).tolist()
+            self.umim_step_confidences = dict(zip(req_ids, confidences))
         return sampler_output
+
+    def _dummy_sampler_run(self, hidden_states):
+        """vLLM's profiling run (its peak sizes the KV cache on GPU). With fp32 logits, ``_sample``
+        keeps the gated rows' logits (at most every row) through the sampler, which edits fp32
+        logits in place: that many fp32 rows are held here while vLLM's dummy sampler runs, so the
+        profiled peak includes them. Logits of other dtypes need nothing: the sampler works on its own
+        fp32 copy, and the probabilities are computed after it, a chunk of rows at a time."""
+        probe = self.model.compute_logits(hidden_states[:1])
+        if probe is None or probe.dtype != torch.float32:
+            return super()._dummy_sampler_run(hidden_states)
+        self.umim_profile_reserve = torch.empty(hidden_states.shape[0], probe.shape[-1], dtype=torch.float32, device=probe.device)
+        try:
+            return super()._dummy_sampler_run(hidden_states)
+        finally:
+            del self.umim_profile_reserve
 
     def sample_tokens(self, *args, **kwargs):
         self.umim_step_confidences = None
         output = super().sample_tokens(*args, **kwargs)
+        if output is None or output is EMPTY_MODEL_RUNNER_OUTPUT:
+            return output
         if self.umim_step_confidences is not None:
             output.umim_confidences = self.umim_step_confidences
+        if self.umim_faults:
+            output.umim_faults, self.umim_faults = self.umim_faults, {}
         return output
 
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
@@ -167,6 +239,23 @@ class UmimModelRunnerMixin:
         self.input_batch.num_tokens_no_spec[row] = end
 
 
+def sampled_token_probabilities(logits: torch.Tensor, rows: torch.Tensor | None, sampled: torch.Tensor,
+                                chunk_rows: int = CONFIDENCE_CHUNK_ROWS) -> torch.Tensor:
+    """``softmax(logits[rows[i]].float())[sampled[i]]`` for each i (``rows`` None: every row in
+    order), ``chunk_rows`` rows at a time: the full-vocabulary fp32 softmax never holds more than
+    ``chunk_rows`` rows (extra memory at most 2 x chunk_rows x vocab x 4 bytes, whatever the
+    batch), and each row's value is the one the whole-batch softmax gives (the softmax is per row)."""
+    count = len(logits) if rows is None else len(rows)
+    out = torch.empty(count, dtype=torch.float32, device=logits.device)
+    for start in range(0, count, chunk_rows):
+        end = min(start + chunk_rows, count)
+        block = logits[start:end] if rows is None else logits.index_select(0, rows[start:end])
+        probs = torch.softmax(block.float(), dim=-1)
+        out[start:end] = probs.gather(1, sampled[start:end, None])[:, 0]
+        del block, probs
+    return out
+
+
 def raw_prompt_token_ids(input_batch, rule_table: torch.Tensor) -> torch.Tensor:
     """Replaces ``InputBatch._make_prompt_token_ids_cpu_tensor`` (penalties' prompt tokens).
 
@@ -181,7 +270,9 @@ def raw_prompt_token_ids(input_batch, rule_table: torch.Tensor) -> torch.Tensor:
     valid = torch.arange(max_len)[None, :] < torch.from_numpy(input_batch.num_prompt_tokens[:num_reqs])[:, None]
     is_virtual = ids >= pad
     slots = torch.full((num_reqs, max_len, 4), pad, dtype=torch.long)
-    slots[..., 0] = torch.where(valid, ids, pad)
-    spans = rule_table[(ids[is_virtual & valid] - pad)]
-    slots[is_virtual & valid] = torch.where(spans >= 0, spans, pad)
+    slots[..., 0] = torch.where(valid & ~is_virtual, ids, pad)
+    # an id past the table only sits in a row the runner reported as failed: pads, not an IndexError
+    known = is_virtual & valid & (ids < pad + len(rule_table))
+    spans = rule_table[(ids[known] - pad)]
+    slots[known] = torch.where(spans >= 0, spans, pad)
     return slots.view(num_reqs, max_len * 4)

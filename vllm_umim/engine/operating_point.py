@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from vllm_umim.errors import UmimError
-from vllm_umim.policies.settings import MergeSettings
+from vllm_umim.policies.settings import MAX_WINDOW, MergeSettings
 
 RULES_NAME = "rules.bin"
 SETTINGS_NAME = "merge.json"
@@ -42,6 +42,9 @@ def read_point_settings(path: str | Path) -> dict:
         MergeSettings().with_options({k: v for k, v in settings.items() if k in MergeSettings.FIELDS})
     except ValueError as e:
         raise UmimError(f"{path}: {e}") from None
+    max_window = settings.get("max_window", 0)
+    if isinstance(max_window, bool) or not isinstance(max_window, int) or not 0 <= max_window <= MAX_WINDOW:
+        raise UmimError(f"{path}: max_window must be an integer from 0 to {MAX_WINDOW}, got {max_window!r}")
     return settings
 
 

@@ -17,22 +17,31 @@ Blocks that a rollback may still rewrite (the last ``rollback_depth`` computed p
 the prefix cache through the KV coordinator's ``num_reprefillable_tokens``, the knob vLLM has for
 the same situation with multi-token prediction. Finished requests report their merge figures in
 ``RequestOutput.kv_transfer_params["umim"]`` (read them with ``vllm_umim.merge_stats``).
+
+Every hook is guarded per request (``vllm_umim.engine.faults``): an exception in one ends, or
+unmerges, that request only, never the engine. Policies are cached per settings in a small LRU
+(``POLICY_CACHE_SIZE``), so clients choosing many distinct settings cannot grow the engine.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.request import Request
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.request import Request, RequestStatus
 
 from vllm_umim.engine.assets import load_checked_files
 from vllm_umim.engine.config import UmimConfig, virtual_base
+from vllm_umim.engine.faults import FAULT_KEY, FaultSwitch, describe
 from vllm_umim.engine.sequence import MergeEvent, MergeState, compress_tokens, merge_newest
 from vllm_umim.engine.stats import STATS_KEY
 from vllm_umim.errors import UmimError
 from vllm_umim.policies import MergePolicy, MergeSettings
 
 logger = init_logger(__name__)
+POLICY_CACHE_SIZE = 64  # merge policies kept per engine (least recently used evicted; each is a few small objects)
 
 
 def requested_settings(request: Request, config: UmimConfig) -> MergeSettings | None:
@@ -73,7 +82,9 @@ class UmimScheduler(Scheduler):
         self.umim_config = UmimConfig.from_vllm_config(vllm_config)
         self.virtual_base = virtual_base(vllm_config)
         self.umim_rules = load_checked_files(self.umim_config, self.virtual_base, "EngineCore")[0]
-        self.umim_policies: dict[MergeSettings, MergePolicy] = {}
+        self.umim_policies: OrderedDict[MergeSettings, MergePolicy] = OrderedDict()
+        self.umim_gated: set[str] = set()  # live requests whose policy reads sampled-token probabilities
+        self.umim_fault_switch = FaultSwitch.from_env()
         self.pending_merges: list[MergeEvent] = []
         self.step_confidences: dict[str, float] = {}
         if self.rollback_depth > 0:
@@ -81,6 +92,8 @@ class UmimScheduler(Scheduler):
             coordinator.num_reprefillable_tokens = max(coordinator.num_reprefillable_tokens, self.rollback_depth)
         logger.info("UMIM scheduler: %s; %s, max_window %d", self.umim_rules.summary(), self.umim_config.merge,
                     self.umim_config.max_window)
+        if self.umim_fault_switch.plan:
+            logger.warning("UMIM fault injection (a test switch) is on: %s", self.umim_fault_switch.plan)
 
     @property
     def rollback_depth(self) -> int:
@@ -90,22 +103,47 @@ class UmimScheduler(Scheduler):
         return max(self.umim_rules.max_n - 1, 0) + self.umim_config.max_window
 
     def merge_policy(self, settings: MergeSettings) -> MergePolicy:
-        """The policy for ``settings``, built once per engine."""
-        if settings not in self.umim_policies:
-            self.umim_policies[settings] = settings.build(self.umim_rules)
-        return self.umim_policies[settings]
+        """The policy for ``settings``: built once, kept while among the ``POLICY_CACHE_SIZE``
+        most recently used (a request holds its own on its ``MergeState``)."""
+        policy = self.umim_policies.pop(settings, None)
+        if policy is None:
+            policy = settings.build(self.umim_rules)
+        self.umim_policies[settings] = policy
+        while len(self.umim_policies) > POLICY_CACHE_SIZE:
+            self.umim_policies.popitem(last=False)
+        return policy
+
+    def _record_fault(self, request: Request, hook: str, error: BaseException) -> None:
+        """Log a hook's exception (one line) and keep it for the request's final output."""
+        logger.error("UMIM %s hook failed for request %s: %s: %s", hook, request.request_id, type(error).__name__, error)
+        if getattr(request, "umim_fault", None) is None:
+            request.umim_fault = describe(hook, error)
 
     # ---- admission: prompt merging -------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id not in self.requests:
-            settings = requested_settings(request, self.umim_config)
-            if settings is not None:
-                self._compress_prompt(request, settings)
+            self._admit(request)
         super().add_request(request)
 
-    def _compress_prompt(self, request: Request, settings: MergeSettings) -> None:
+    def _admit(self, request: Request) -> None:
+        """Choose the request's policy and compress its prompt; on any exception, serve it unmerged
+        (nothing was computed yet: the raw prompt is exactly stock vLLM)."""
+        raw_prompt, hook = request.prompt_token_ids, "admission"
+        try:
+            self.umim_fault_switch.check(hook, request.request_id)
+            settings = requested_settings(request, self.umim_config)
+            if settings is None:
+                return
+            policy = self.merge_policy(settings)
+            hook = "prefill"
+            self.umim_fault_switch.check(hook, request.request_id)
+            self._compress_prompt(request, settings, policy)
+        except Exception as e:
+            self._record_fault(request, hook, e)
+            self._restore_raw_prompt(request, raw_prompt)
+
+    def _compress_prompt(self, request: Request, settings: MergeSettings, policy: MergePolicy) -> None:
         raw_prompt = request.prompt_token_ids
-        policy = self.merge_policy(settings)
         compressed, merges = compress_tokens(raw_prompt, policy, self.virtual_base)
         request.umim = MergeState(settings.dynamic, policy, len(raw_prompt), prompt_positions=len(compressed), prefill_merges=merges)
         request.prompt_token_ids = compressed
@@ -113,55 +151,116 @@ class UmimScheduler(Scheduler):
         request._all_token_ids[:] = compressed  # in place: request.all_token_ids is a view of it
         request.block_hashes.clear()
         request.update_block_hashes()
+        if policy.needs_confidence:
+            self.umim_gated.add(request.request_id)
+
+    def _restore_raw_prompt(self, request: Request, raw_prompt: list[int]) -> None:
+        request.umim = None
+        self.umim_gated.discard(request.request_id)
+        if request.prompt_token_ids is raw_prompt and len(request._all_token_ids) == len(raw_prompt):
+            return  # untouched
+        request.prompt_token_ids = raw_prompt
+        request.num_prompt_tokens = len(raw_prompt)
+        request._all_token_ids[:] = raw_prompt
+        request.block_hashes.clear()
+        request.update_block_hashes()
 
     # ---- after sampling: decode merging --------------------------------------------------------
     def update_from_output(self, scheduler_output, model_runner_output):
         self.step_confidences = getattr(model_runner_output, "umim_confidences", None) or {}
+        failed = self._finish_runner_faults(getattr(model_runner_output, "umim_faults", None) or {})
         engine_core_outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request, kv_params in failed:
+            output = EngineCoreOutput(request_id=request.request_id, new_token_ids=[], finish_reason=request.get_finished_reason(),
+                                      kv_transfer_params=kv_params, events=request.take_events(),
+                                      trace_headers=request.trace_headers)
+            engine_core_outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(output)
         self._attach_figures_for_stop_strings(engine_core_outputs)
         return engine_core_outputs
+
+    def _finish_runner_faults(self, faults: dict[str, dict]) -> list[tuple[Request, dict | None]]:
+        """Finish, with an error, the requests whose runner hook failed this step, before vLLM reads
+        the step's output (their sampled tokens are dropped). Returns them with their final params."""
+        if not faults:
+            return []
+        failed = []
+        for request_id, fault in faults.items():
+            request = self.requests.get(request_id)
+            if request is None or request.is_finished():
+                continue
+            logger.error("UMIM %s hook failed for request %s: %s", fault["hook"], request_id, fault["error"])
+            request.umim_fault = fault
+            request.resumable = False
+            failed.append(request)
+        self.finish_requests([r.request_id for r in failed], RequestStatus.FINISHED_ERROR)
+        return [(request, request.__dict__.pop("umim_final_params", None)) for request in failed]
 
     def _attach_figures_for_stop_strings(self, engine_core_outputs) -> None:
         """A stop string is found by the frontend's detokenizer, which then finishes the request
         itself: the engine's final figures (on the finished output, ``_free_request``) never reach
-        it. Requests with stop strings therefore carry their figures so far on every output."""
+        it. Requests with stop strings therefore carry their figures (and fault, if any) so far on
+        every output."""
         for outputs in engine_core_outputs.values():
             for output in outputs.outputs:
                 if output.kv_transfer_params is not None or output.finish_reason is not None:
                     continue
                 request = self.requests.get(output.request_id)
-                state: MergeState | None = getattr(request, "umim", None)
-                if state is not None and request.sampling_params.stop:
-                    stats = state.stats(request.num_output_tokens, request.num_tokens, self.block_size)
-                    output.kv_transfer_params = {STATS_KEY: stats}
+                if request is not None and request.sampling_params is not None and request.sampling_params.stop:
+                    output.kv_transfer_params = self._final_params(request)
 
     def _update_request_with_output(self, request: Request, new_token_ids: list[int], is_stale: bool = False):
         new_token_ids, stopped = super()._update_request_with_output(request, new_token_ids, is_stale)
         state: MergeState | None = getattr(request, "umim", None)
         if state is None or not new_token_ids:
             return new_token_ids, stopped
-        if state.policy.needs_confidence:  # missing (e.g. a worker that did not send it): unknown
-            state.output_confidences += [self.step_confidences.get(request.request_id, float("nan"))] * len(new_token_ids)
-        if state.dynamic and not stopped:
-            event = merge_newest(request, self.virtual_base, self.hash_block_size)
-            if event is not None:
-                self.pending_merges.append(event)
+        try:
+            if state.policy.needs_confidence:  # missing (e.g. a worker that did not send it): unknown
+                confidence = self.step_confidences.get(request.request_id, float("nan"))
+                state.output_confidences += [confidence] * len(new_token_ids)
+            if state.dynamic and not stopped:
+                event = merge_newest(request, self.virtual_base, self.hash_block_size)
+                if event is not None:
+                    # injected where it hurts most: the sequence is rewritten, the worker not yet told
+                    self.umim_fault_switch.check("decode", request.request_id)
+                    self.pending_merges.append(event)
+        except Exception as e:  # the sequence may be half-way through a merge: end this request only
+            self._record_fault(request, "decode", e)
+            request.status = RequestStatus.FINISHED_ERROR
+            request.resumable = False
+            stopped = True
         return new_token_ids, stopped
 
     # ---- the worker mirrors the merges ---------------------------------------------------------
     def schedule(self, *args, **kwargs):
         scheduler_output = super().schedule(*args, **kwargs)
         scheduler_output.umim_merges, self.pending_merges = self.pending_merges, []
-        gated = any(policy.needs_confidence for policy in self.umim_policies.values())  # no per-request scan without one
-        scheduler_output.umim_wants_confidences = gated and any(
-            getattr(request, "umim", None) is not None and request.umim.policy.needs_confidence for request in self.running
+        gated = self.umim_gated  # no per-request scan without one
+        scheduler_output.umim_confidence_req_ids = (
+            frozenset(r.request_id for r in self.running if r.request_id in gated) if gated else frozenset()
         )
         return scheduler_output
 
     # ---- per-request figures on the final output -----------------------------------------------
     def _free_request(self, request: Request, *args, **kwargs):
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
-        state: MergeState | None = getattr(request, "umim", None)
-        if state is not None and kv_params is None:
-            kv_params = {STATS_KEY: state.stats(request.num_output_tokens, request.num_tokens, self.block_size)}
+        self.umim_gated.discard(request.request_id)
+        final = self._final_params(request)
+        if final is not None and kv_params is None:
+            kv_params = final
+            request.umim_final_params = final  # for finish_requests callers, which drop the return value
         return kv_params, ec_params
+
+    def _final_params(self, request: Request) -> dict | None:
+        """The request's figures (merged) and fault (if a hook failed), for its last output."""
+        params = {}
+        state: MergeState | None = getattr(request, "umim", None)
+        if state is not None and getattr(request, "umim_fault", None) is None:
+            try:
+                self.umim_fault_switch.check("figures", request.request_id)
+                params[STATS_KEY] = state.stats(request.num_output_tokens, request.num_tokens, self.block_size)
+            except Exception as e:
+                self._record_fault(request, "figures", e)
+        fault = getattr(request, "umim_fault", None)
+        if fault is not None:
+            params[FAULT_KEY] = fault
+        return params or None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vllm_umim.errors import MergeStateError
 from vllm_umim.policies import MergePolicy
 
 
@@ -77,13 +78,14 @@ def merge_newest(request, virtual_base: int, hash_block_size: int) -> MergeEvent
     in the next step (with no window: just the surrogate, fed instead of the newest token). The
     rolled-back KV slots stay allocated and are overwritten as the sequence regrows, like
     rejected speculative tokens. Block hashes from the span's block on are dropped and recomputed.
+    Raises ``MergeStateError`` (before changing anything) if the merge is inconsistent.
     """
     state: MergeState = request.umim
     token_ids = request._all_token_ids
     merge = state.policy.decode_merge(token_ids, virtual_base, state.output_confidences)
     if merge is None:
         return None
-    assert request.num_computed_tokens == len(token_ids) - 1, "merge check must follow a full step"
+    check_decode_merge(request, merge, virtual_base)
     ids = (virtual_base + merge.rule_id, *token_ids[merge.start + merge.length :])
     token_ids[merge.start :] = ids
     request.num_computed_tokens = merge.start
@@ -92,3 +94,20 @@ def merge_newest(request, virtual_base: int, hash_block_size: int) -> MergeEvent
     state.decode_merges += 1
     state.decode_tokens_merged_away += merge.length - 1
     return MergeEvent(request.request_id, merge.start, ids, merge.length)
+
+
+def check_decode_merge(request, merge, virtual_base: int) -> None:
+    """Raise ``MergeStateError`` unless ``merge`` can be applied to ``request`` as it stands: the
+    newest token was just appended after a full step, and the span is plain tokens spelling an
+    existing rule (so its virtual id indexes the worker's rule table)."""
+    token_ids = request._all_token_ids
+    rules = request.umim.policy.rules
+    if request.num_computed_tokens != len(token_ids) - 1:
+        raise MergeStateError(f"request {request.request_id}: a decode merge must follow a full step "
+                              f"({request.num_computed_tokens} of {len(token_ids)} positions computed)")
+    if not 0 <= merge.rule_id < len(rules):
+        raise MergeStateError(f"request {request.request_id}: rule {merge.rule_id} is not in the rule set ({len(rules)} rules)")
+    span = tuple(token_ids[merge.start : merge.start + merge.length])
+    if merge.start < 0 or span != rules.tokens_of(merge.rule_id) or any(t >= virtual_base for t in span):
+        raise MergeStateError(f"request {request.request_id}: tokens {list(span)} at {merge.start} are not rule "
+                              f"{merge.rule_id} {list(rules.tokens_of(merge.rule_id))}")

@@ -18,6 +18,10 @@ from vllm_umim.policies.raw_window import RawRecentWindow
 from vllm_umim.rules import RuleSet
 
 MODES = ("dynamic", "prompt")
+# Largest raw recent window (and engine max_window): a decode merge rolls back up to max_span - 1 +
+# max_window positions, which stay out of the prefix cache and are recomputed. 128 covers the
+# longest continuation a log-likelihood evaluation keeps raw (vllm_umim.evaluation.harness, 64).
+MAX_WINDOW = 128
 
 
 @dataclass(frozen=True)
@@ -35,8 +39,8 @@ class MergeSettings:
     def __post_init__(self):
         if self.mode not in MODES:
             raise OptionError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise OptionError(f"window must be an integer >= 0, got {self.window!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 0 <= self.window <= MAX_WINDOW:
+            raise OptionError(f"window must be an integer from 0 to {MAX_WINDOW}, got {self.window!r}")
         c = self.min_confidence
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1.0:
             raise OptionError(f"min_confidence must be a number in [0, 1], got {c!r}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from vllm_umim.errors import MergeStateError
 from vllm_umim.ops.matcher import SINGLE
 from vllm_umim.policies import DecodeMerge, GreedyLongestMatch, MergePolicy
 from vllm_umim.rules import RuleSet
@@ -84,7 +85,8 @@ def merge_after_token(elements: list[Element], policy: MergePolicy, output_confi
     if merge is None:
         return None
     tokens = tuple(ids[merge.start : merge.start + merge.length])
-    assert tokens == policy.rules.tokens_of(merge.rule_id), "the policy merged tokens that are not its rule"
+    if not 0 <= merge.rule_id < len(policy.rules) or merge.start < 0 or tokens != policy.rules.tokens_of(merge.rule_id):
+        raise MergeStateError(f"the policy merged tokens {list(tokens)} at {merge.start} that are not rule {merge.rule_id}")
     elements[merge.start : merge.start + merge.length] = [Element(tokens, merge.rule_id)]
     return merge
 

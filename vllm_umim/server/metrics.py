@@ -8,10 +8,15 @@ figures (``RequestOutput.kv_transfer_params["umim"]``) by the ``AsyncLLM.generat
 prefix keeps them clear of vLLM's ``unregister_vllm_metrics`` (which drops ``vllm:*``).
 
 Token reduction over a window: ``rate(tokens_merged_away) / rate(raw_tokens)``.
+
+``vllm_umim:request_faults{hook=...}`` counts requests a UMIM engine hook failed for (served
+unmerged, or finished with an error; ``vllm_umim.engine.faults``), from the fault their finished
+output carries (``kv_transfer_params["umim_fault"]``).
 """
 
 from __future__ import annotations
 
+from vllm_umim.engine.faults import HOOKS, request_fault
 from vllm_umim.engine.stats import merge_stats
 
 # counter name (prometheus_client appends _total) -> (help, per-request figure it sums)
@@ -28,6 +33,9 @@ COUNTERS = {
     "vllm_umim:kv_tokens_saved": ("Deprecated: vllm_umim:tokens_merged_away", "tokens_merged_away"),
 }
 
+FAULTS = "vllm_umim:request_faults"  # labelled by hook
+FAULTS_HELP = "Requests a UMIM engine hook failed for (served unmerged or finished with an error), by hook"
+
 _counters: dict | None = None
 
 
@@ -38,14 +46,22 @@ def counters() -> dict:
         from prometheus_client import Counter
 
         _counters = {name: Counter(name, help_text) for name, (help_text, _) in COUNTERS.items()}
+        faults = _counters[FAULTS] = Counter(FAULTS, FAULTS_HELP, ["hook"])
+        for hook in HOOKS:
+            faults.labels(hook=hook)  # every series on /metrics (at 0) from the start
     return _counters
 
 
 def record_finished(request_output) -> None:
-    """Count a finished ``RequestOutput``'s merge figures (no-op when it was served unmerged)."""
+    """Count a finished ``RequestOutput``'s merge figures and UMIM fault (no-op for a request
+    served unmerged without a fault)."""
+    fault = request_fault(request_output)
+    if fault:
+        counters()[FAULTS].labels(hook=fault.get("hook", "unknown")).inc()
     stats = merge_stats(request_output)
     if not stats:
         return
     for name, counter in counters().items():
-        key = COUNTERS[name][1]
-        counter.inc(1 if key is None else max(0, stats[key]))
+        if name in COUNTERS:
+            key = COUNTERS[name][1]
+            counter.inc(1 if key is None else max(0, stats[key]))
