@@ -3,9 +3,12 @@
 * it merges: prefill and decode merges on the 60 held-out prompts;
 * an opt-out request (``extra_args={"umim": False}``) equals a stock fp8 engine token for token;
 * against the fp32 HF reference runtime it agrees about as well as stock fp8 agrees with plain HF.
-  fp8 KV is lossy (vLLM stores keys and values with 8 bits, unscaled), so neither fp8 engine equals
-  its fp32 oracle: the tolerance is stock fp8's own disagreement with plain HF on the same prompts
-  (the yardstick), stated in ``FP8_SLACK`` below; the figures are printed.
+  fp8 KV is lossy (vLLM stores keys and values in 8 bits without scales), so neither fp8 engine
+  equals its fp32 oracle: on these 60 prompts stock fp8 leaves plain fp32 HF at greedy token 9.9 of
+  32 on average (3 of 60 equal throughout; bf16 weights, for scale, leave fp32 at ~24), and UMIM +
+  fp8 leaves the fp32 merged reference at 8.7 (5 of 60 equal). The tolerance is stock fp8's own
+  agreement, the yardstick: UMIM + fp8's mean first differing token must reach ``FP8_TOLERANCE`` of
+  stock fp8's. The figures are printed.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 32
 FP8_ARGS = dict(ENGINE_ARGS, kv_cache_dtype="fp8")
-# UMIM + fp8 may agree with its reference on at most this many fewer of the 60 prompts than stock
-# fp8 agrees with plain HF: merged positions carry surrogate KV that fp8 rounds like any other, and
-# a merge changes which steps see the rounding, so the two engines' errors differ prompt by prompt.
-FP8_SLACK = 6
+# UMIM + fp8's mean first differing token (against the fp32 merged reference) over stock fp8's
+# (against plain fp32 HF): merged positions carry surrogate KV that fp8 rounds like any other, and a
+# merge changes which steps see the rounding, so the two engines' errors differ prompt by prompt;
+# over 60 prompts each mean has a standard error of ~1.2 tokens (measured: 8.7 against 9.9).
+FP8_TOLERANCE = 0.7
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +51,12 @@ def greedy(llm, prompts, umim=None):
 
 
 def agreement(outputs, references) -> dict:
-    """Prompts equal to the reference token for token, and the first differing step of the others."""
+    """Prompts equal to the reference token for token, and the first differing step of each
+    (``MAX_TOKENS`` where none differs)."""
     steps = [first_difference(list(o.outputs[0].token_ids), r.output_token_ids) for o, r in zip(outputs, references)]
-    differing = [s for s in steps if s is not None]
-    return {"exact": len(steps) - len(differing), "prompts": len(steps),
-            "median_first_difference": statistics.median(differing) if differing else None, "first_differences": differing}
+    steps = [MAX_TOKENS if s is None else s for s in steps]
+    return {"equal": sum(s == MAX_TOKENS for s in steps), "prompts": len(steps), "mean_first_difference": statistics.fmean(steps),
+            "median_first_difference": statistics.median(steps)}
 
 
 def test_fp8_engines_store_fp8(stock_fp8_llm, umim_fp8_llm):
@@ -83,4 +88,4 @@ def test_umim_fp8_agrees_with_reference_like_stock_fp8(umim_fp8_llm, stock_fp8_l
     umim = agreement(greedy(umim_fp8_llm, heldout_prompts), merged_reference)
     stock = agreement(greedy(stock_fp8_llm, heldout_prompts), plain_reference)
     print(f"\nfp32 reference vs UMIM + fp8 KV: {umim}\nplain fp32 HF vs stock fp8 KV: {stock}")
-    assert umim["exact"] >= stock["exact"] - FP8_SLACK
+    assert umim["mean_first_difference"] >= FP8_TOLERANCE * stock["mean_first_difference"]
