@@ -284,9 +284,10 @@ def speculation_text(report: dict) -> list[str]:
             text = f"*{scenario}*: n-gram speculation alone {s['ratio']['median']:.3f} × stock{acceptance}"
             if best:
                 product = s["ratio"]["median"] * best["ratio"]["median"]
-                verdict = "above" if product > best["ratio"]["median"] else "not above"
-                text += (f"; best UMIM point `{best_name}` {best['ratio']['median']:.3f}; the pair at best "
-                         f"{product:.3f} ({verdict} UMIM alone)")
+                better_alone = max(best["ratio"]["median"], s["ratio"]["median"])
+                verdict = "above" if product > better_alone else "not above"
+                text += (f"; the best UMIM row, `{best_name}`, {best['ratio']['median']:.3f}; the pair, if their gains "
+                         f"multiplied, {product:.3f}: {verdict} the better of the two alone")
             lines.append(text + ".")
     if not lines:
         return []
