@@ -33,7 +33,7 @@ SCENARIOS = {
         Scenario("decode-heavy", 16, 64, 96, kv_blocks=20, about="KV space too small for stock: merging fits more requests"),
         Scenario("decode-long", 16, 64, 256, kv_blocks=40, about="as decode-heavy with longer outputs: decode merges dominate"),
         Scenario("no-merge", 16, 128, 32, never_matching_rules=True, about="rules that never match: the cost of looking"),
-        Scenario("natural", 64, 190, 64, about="held-out text shaped like vllm-umim bench-pair's ShareGPT run (~190 -> 64)"),
+        Scenario("natural", 32, 190, 64, about="held-out text shaped like vllm-umim bench-pair's ShareGPT run (~190 -> 64)"),
         Scenario("short-turns", 32, 48, 48, about="short chat-like turns: little to merge, many short requests"),
     ]
 }
