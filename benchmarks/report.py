@@ -265,8 +265,10 @@ def compose_section() -> list[str]:
         f"Ratio: {method['ratio']}. Limit: {method['limit']}. Time: {method['time']}. Fidelity: {method['fidelity']}. "
         f"KV cap: {method['kv_cap']}.", "",
         *speculation_text(report), "",
-        f"{report['cpu_count']} CPU cores, load average (1/5/15 min) at start {report['load_average_start']} and end "
-        f"{report['load_average_1_5_15']}; `{relative(COMPOSE)}`; command: `{report['command']}`.",
+        f"{report['cpu_count']} CPU cores; `{relative(COMPOSE)}`. Per scenario, its command, when it ran and the load "
+        "average (1/5/15 min) at its start and end:", "",
+        *(f"- *{sc['scenario']['name']}*: `{sc['command']}`, {sc['when']}, {sc['load_average_start']} → "
+          f"{sc['load_average_1_5_15']}" for sc in report["scenarios"]),
     ]
 
 

@@ -75,8 +75,9 @@ def test_split_limit_and_ratios_from_paired_runs():
     assert umim["token_reduction"] == pytest.approx(0.2) and umim["prompt_token_reduction"] == pytest.approx(0.4)
     assert umim["decode_step_ms_above_base"] == pytest.approx((5000 - 6000) / 32)
     assert "limit" not in stock
-    table = bench_rows.markdown({"scenarios": [{"scenario": {"name": "natural"}, "rows": [stock, umim]}], "command": "c",
-                                 "cpu_count": 2, "load_average_start": [1], "load_average_1_5_15": [1]})
+    scenario = {"scenario": {"name": "natural"}, "rows": [stock, umim], "command": "c", "when": "w",
+                "load_average_start": [1], "load_average_1_5_15": [1]}
+    table = bench_rows.markdown({"scenarios": [scenario], "cpu_count": 2})
     assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % |" in table
 
 
@@ -84,3 +85,12 @@ def test_spread_gives_the_mean_a_t_interval():
     figures = spread([0.98, 1.0, 1.02])
     assert figures["mean"] == pytest.approx(1.0) and figures["ci95"] == pytest.approx(4.303 * 0.02 / 3 ** 0.5, rel=1e-3)
     assert spread([1.0])["ci95"] is None
+
+
+def test_an_earlier_run_keeps_the_scenarios_not_run_again(tmp_path):
+    path = tmp_path / "rows.json"
+    assert bench_rows.kept_scenarios(path, {"model": "m"}, ["natural"]) == []
+    earlier = [{"scenario": {"name": "natural"}}, {"scenario": {"name": "decode-heavy"}}]
+    path.write_text(__import__("json").dumps({"engine_kwargs": {"model": "m"}, "scenarios": earlier}))
+    assert bench_rows.kept_scenarios(path, {"model": "m"}, ["natural"]) == [{"scenario": {"name": "decode-heavy"}}]
+    assert bench_rows.kept_scenarios(path, {"model": "other"}, ["natural"]) == []  # other engine arguments: start afresh

@@ -260,7 +260,9 @@ METHOD = {
 
 def run(engine_kwargs: dict, config, command: str) -> dict:
     """Every scenario of ``config`` with every row of ``config.rows`` (stock first, added if
-    missing); writes ``rows.json`` (and ``rows.md``) to ``config.output_dir`` after each scenario."""
+    missing); writes ``rows.json`` (and ``rows.md``) to ``config.output_dir`` after each scenario.
+    Scenarios already in that ``rows.json`` from the same engine arguments and not run now are
+    kept; each scenario records its own command, time and load average."""
     import os
     import tempfile
 
@@ -274,31 +276,41 @@ def run(engine_kwargs: dict, config, command: str) -> dict:
     pure_overhead = [name for name in config.scenario if scenario(name).never_matching_rules]
     if pure_overhead:
         raise UmimError(f"--rows does not run {', '.join(pure_overhead)}: measure it with vllm-umim bench --scenario no-merge")
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
     config.output_dir.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix="umim-rows-"))
     print(f"engine logs and prompts in {work_dir}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(engine_kwargs.get("tokenizer") or engine_kwargs["model"])
     documents = natural_documents()
     base_kwargs = {k: v for k, v in engine_kwargs.items() if k != "additional_config"}
-    results = []
+    path = config.output_dir / "rows.json"
+    results = kept_scenarios(path, base_kwargs, config.scenario)
     for name in config.scenario:
         spec = scenario(name, num_prompts=config.num_prompts, input_len=config.input_len, output_len=config.output_len,
                         **({"kv_blocks": config.kv_blocks} if config.kv_blocks is not None and scenario(name).kv_blocks is not None else {}))
         print(f"{spec.name}: {spec.num_prompts} prompts x {spec.input_len} tokens in, {spec.output_len} out; {spec.about}", flush=True)
         prompts_path = work_dir / f"{spec.name}.prompts.json"
         prompts_path.write_text(json.dumps(natural_prompts(tokenizer, documents, spec.num_prompts, spec.input_len)))
-        results.append(run_scenario(spec, rows, base_kwargs, prompts_path, config, work_dir))
-        report = {
-            "command": command, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "load_average_start": load_at_start, "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "cpu_count": os.cpu_count(), "engine_kwargs": base_kwargs, "ngram": NGRAM, "repetitions": config.repetitions,
-            "method": METHOD, "scenarios": results,
-        }
-        write_json_atomic(report, config.output_dir / "rows.json")
+        load_at_start = [round(x, 2) for x in os.getloadavg()]
+        result = run_scenario(spec, rows, base_kwargs, prompts_path, config, work_dir)
+        results.append({**result, "command": command, "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                        "repetitions": config.repetitions, "load_average_start": load_at_start,
+                        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]})
+        report = {"cpu_count": os.cpu_count(), "engine_kwargs": base_kwargs, "ngram": NGRAM,
+                  "repetitions": min(r["repetitions"] for r in results), "method": METHOD, "scenarios": results}
+        write_json_atomic(report, path)
         (config.output_dir / "rows.md").write_text(markdown(report) + "\n")
     print(markdown(report))
     return report
+
+
+def kept_scenarios(path: Path, engine_kwargs: dict, running: list[str]) -> list[dict]:
+    """The scenarios of an earlier ``rows.json`` at ``path`` that this run keeps (see :func:`run`)."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier.get("engine_kwargs") != engine_kwargs:
+        return []
+    return [sc for sc in earlier["scenarios"] if sc["scenario"]["name"] not in running]
 
 
 # Tables -------------------------------------------------------------------------------------------
@@ -330,6 +342,7 @@ def markdown(report: dict) -> str:
     from vllm_umim.bench.tables import markdown_table
 
     lines = [markdown_table(ROWS_HEADER, [row_cells(sc["scenario"]["name"], s) for sc in report["scenarios"] for s in sc["rows"]])]
-    lines += ["", f"Command: `{report['command']}`; {report['cpu_count']} CPUs, load average at start "
-              f"{report['load_average_start']} and end {report['load_average_1_5_15']}."]
+    lines += [""] + [f"{sc['scenario']['name']}: `{sc['command']}` ({sc['when']}); load average at start "
+                     f"{sc['load_average_start']} and end {sc['load_average_1_5_15']}; {report['cpu_count']} CPUs."
+                     for sc in report["scenarios"]]
     return "\n".join(lines)
