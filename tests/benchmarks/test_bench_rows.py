@@ -78,7 +78,7 @@ def test_split_limit_and_ratios_from_paired_runs():
     scenario = {"scenario": {"name": "natural"}, "rows": [stock, umim], "command": "c", "when": "w",
                 "load_average_start": [1], "load_average_1_5_15": [1]}
     table = bench_rows.markdown({"scenarios": [scenario], "cpu_count": 2})
-    assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % |" in table
+    assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % | 38 % | 32 | 156.2 |" in table
 
 
 def test_spread_gives_the_mean_a_t_interval():

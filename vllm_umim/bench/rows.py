@@ -316,7 +316,7 @@ def kept_scenarios(path: Path, engine_kwargs: dict, running: list[str]) -> list[
 # Tables -------------------------------------------------------------------------------------------
 
 ROWS_HEADER = ["scenario", "row", "tok/s / stock, median [min–max] (n)", "limit", "of limit", "TR", "prefill share",
-               "decode step ms", "fidelity: 1st difference mean, equal %", "preemptions"]
+               "decode steps", "decode step ms", "fidelity: 1st difference mean, equal %", "preemptions"]
 
 
 def ratio_text(ratio: dict) -> str:
@@ -332,6 +332,7 @@ def row_cells(scenario_name: str, s: dict) -> list[str]:
         f"{100 * s['ratio_to_limit']:.0f} %" if s.get("ratio_to_limit") else "–",
         f"{100 * s['token_reduction']:.1f} %" if s["umim"] else "–",
         f"{100 * time_['prefill_share']:.0f} %" if time_ else "–",
+        f"{time_['decode_steps']:.0f}" if time_ else "–",
         f"{time_['decode_step_ms']:.1f}" if time_.get("decode_step_ms") else "–",
         f"{fidelity['first_difference_mean']:.1f}, {100 * fidelity['equal_share']:.0f} %" if fidelity else "–",
         "/".join(map(str, s["preemptions"])),
