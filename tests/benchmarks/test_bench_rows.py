@@ -74,11 +74,24 @@ def test_split_limit_and_ratios_from_paired_runs():
     assert umim["limit"] == pytest.approx(10 / 7.2) and umim["ratio_to_limit"] == pytest.approx(1.25 / (10 / 7.2))
     assert umim["token_reduction"] == pytest.approx(0.2) and umim["prompt_token_reduction"] == pytest.approx(0.4)
     assert umim["decode_step_ms_above_base"] == pytest.approx((5000 - 6000) / 32)
-    assert "limit" not in stock
+    assert "limit" not in stock and umim["base"]["row"] == "stock"
+    again = bench_rows.resummarize({"scenarios": [{"rows": [{**stock, "fidelity": None}, umim], "runs": runs, "prefill_runs": prefill}]})
+    assert again["scenarios"][0]["rows"][1]["limit"] == pytest.approx(umim["limit"])
     scenario = {"scenario": {"name": "natural"}, "rows": [stock, umim], "command": "c", "when": "w",
                 "load_average_start": [1], "load_average_1_5_15": [1]}
     table = bench_rows.markdown({"scenarios": [scenario], "cpu_count": 2})
     assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % | 38 % | 32 | 156.2 |" in table
+
+
+def test_the_limit_of_a_row_over_fp8_starts_from_stock_fp8():
+    rows = [bench_rows.Row("stock"), bench_rows.Row("stock+fp8", fp8=True), bench_rows.Row("max+fp8", umim="pt", fp8=True)]
+    merged = dict(prompt_positions=50, raw_prompt_tokens=100, positions=50, raw_tokens=100)
+    runs = {"stock": [run(10.0, 33, 0, "stock+fp8"), run(10.0, 33, 0, "max+fp8")],
+            "stock+fp8": [run(5.0, 33, 0, "stock+fp8")], "max+fp8": [run(4.0, 33, 0, "max+fp8", **merged)]}
+    prefill = {name: [run(1.0, 1, 0, r["beside"]) for r in rs] for name, rs in runs.items()}
+    summaries = {s["row"]: s for s in bench_rows.summarize_rows(rows, runs, prefill, fidelity={})}
+    # stock+fp8 runs 2x stock; half the positions gone would halve its time: 4x stock
+    assert summaries["max+fp8"]["limit"] == pytest.approx(4.0) and summaries["max+fp8"]["ratio"]["median"] == pytest.approx(2.5)
 
 
 def test_spread_gives_the_mean_a_t_interval():

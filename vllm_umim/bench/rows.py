@@ -18,10 +18,10 @@ Per row and scenario (``rows.json``):
 * where the time goes: the same requests with one output token each (prefill-only, timed right
   after each full run) give prefill seconds; full minus prefill is decode, divided by the decode
   engine steps it took gives a decode step's cost;
-* the limit of a UMIM row (:func:`limit`): its base row's (the same row without UMIM) prefill time
-  scaled by the prompt's position fraction and its decode time by the whole sequence's, i.e. the
-  ratio UMIM would reach if merged positions cost nothing and everything else cost what it costs
-  without UMIM. Decode steps do not get fewer when positions do (each still yields one token), so
+* the limit of a UMIM row (:func:`limit`): its base row's (the same row without UMIM; for stock,
+  stock's runs in the same pair) prefill time scaled by the prompt's position fraction and its
+  decode time by the whole sequence's, i.e. the ratio UMIM would reach if merged positions cost
+  nothing and everything else cost what it costs without UMIM. Decode steps do not get fewer when positions do (each still yields one token), so
   outside KV-bound scenarios the decode part of this limit is generous.
 
 A KV-bound scenario caps the KV cache in blocks; an fp8 row gets as many blocks as fit in the same
@@ -138,9 +138,11 @@ def position_fractions(run: dict) -> dict:
     return {"prompt": run["prompt_positions"] / run["raw_prompt_tokens"], "all": run["positions"] / run["raw_tokens"]}
 
 
-def limit(stock_total_s: float, base_split: dict, fractions: dict) -> float:
-    """The throughput ratio to stock if merged positions cost nothing (see the module docstring)."""
-    return stock_total_s / (base_split["prefill_s"] * fractions["prompt"] + base_split["decode_s"] * fractions["all"])
+def limit(base_ratio: float, base_split: dict, fractions: dict) -> float:
+    """The throughput ratio to stock if merged positions cost nothing (see the module docstring):
+    the base row's ratio to stock over the share of its time that would remain."""
+    share = base_split["prefill_share"]
+    return base_ratio / (share * fractions["prompt"] + (1 - share) * fractions["all"])
 
 
 def paired_ratios(stock: list[dict], mine: list[dict]) -> list[float]:
@@ -149,10 +151,17 @@ def paired_ratios(stock: list[dict], mine: list[dict]) -> list[float]:
     return [m["tokens_per_s"] / by_turn[(m.get("beside"), m["repetition"])] for m in mine]
 
 
+def beside(runs: list[dict], name: str) -> list[dict]:
+    return [r for r in runs if r.get("beside") == name]
+
+
 def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: dict) -> list[dict]:
-    """One summary per row of a scenario's raw runs (``runs[row][repetition]``)."""
+    """One summary per row of a scenario's raw runs (``runs[row][repetition]``). A UMIM row's
+    limit and step cost are against its base row: stock's runs beside it in the same pair (the
+    machine's load drifts between pairs), or the base row's own runs and its ratio to stock."""
     stock = runs[STOCK]
     splits = {name: time_split(runs[name], prefill_runs[name]) for name in runs} if prefill_runs else {}
+    ratios = {row.name: spread(paired_ratios(stock, runs[row.name])) for row in rows}
     out = []
     for row in rows:
         mine = runs[row.name]
@@ -160,7 +169,7 @@ def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: di
         summary = {
             "row": row.name, "umim": row.umim, "fp8": row.fp8, "ngram": row.ngram,
             "tokens_per_s": spread([r["tokens_per_s"] for r in mine]),
-            "ratio": spread(paired_ratios(stock, mine)),
+            "ratio": ratios[row.name],
             "token_reduction": 1 - fractions["all"], "prompt_token_reduction": 1 - fractions["prompt"],
             "prefill_merges": mine[-1]["prefill_merges"], "decode_merges": mine[-1]["decode_merges"],
             "peak_kv_blocks": statistics.median(r["peak_kv_blocks"] for r in mine) if mine[0]["peak_kv_blocks"] is not None else None,
@@ -172,13 +181,28 @@ def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: di
         if splits:
             summary["time"] = splits[row.name]
             if row.umim and row.base in splits:
-                summary["limit"] = limit(splits[STOCK]["total_s"], splits[row.base], fractions)
+                if row.base == STOCK:
+                    base_split, base_ratio = time_split(beside(stock, row.name), beside(prefill_runs[STOCK], row.name)), 1.0
+                else:
+                    base_split, base_ratio = splits[row.base], ratios[row.base]["median"]
+                summary["base"] = {"row": row.base, "ratio": base_ratio, "time": base_split}
+                summary["limit"] = limit(base_ratio, base_split, fractions)
                 summary["ratio_to_limit"] = summary["ratio"]["median"] / summary["limit"]
-                base_step = splits[row.base]["decode_step_ms"]
-                summary["decode_step_ms_above_base"] = (splits[row.name]["decode_step_ms"] - base_step
-                                                        if base_step is not None and splits[row.name]["decode_step_ms"] is not None else None)
+                mine_step, base_step = splits[row.name]["decode_step_ms"], base_split["decode_step_ms"]
+                summary["decode_step_ms_above_base"] = mine_step - base_step if mine_step is not None and base_step is not None else None
         out.append(summary)
     return out
+
+
+def resummarize(report: dict) -> dict:
+    """``report`` (a ``rows.json``) with every scenario's summaries computed again from its raw runs
+    by this module's code (fidelity, measured once per row, is kept)."""
+    scenarios = []
+    for sc in report["scenarios"]:
+        rows = [Row(s["row"], s["umim"], s["fp8"], s["ngram"]) for s in sc["rows"]]
+        fidelity = {s["row"]: s["fidelity"] for s in sc["rows"] if s.get("fidelity")}
+        scenarios.append({**sc, "rows": summarize_rows(rows, sc["runs"], sc["prefill_runs"], fidelity)})
+    return {**report, "method": METHOD, "scenarios": scenarios}
 
 
 # The run ------------------------------------------------------------------------------------------
@@ -251,9 +275,11 @@ METHOD = {
                 "first differing output token (output_len if none) and the share of requests equal throughout",
     "time": "prefill_s: the same requests with max_tokens=1, timed after each full run; decode_s: full run minus "
             "prefill; decode_step_ms: decode_s / (engine steps of the full run - of the prefill run); medians",
-    "limit": "stock total seconds / (base row's prefill_s x prompt positions per raw prompt token + base row's "
-             "decode_s x positions per raw token): the ratio if merged positions cost nothing and all else cost what "
-             "it costs without UMIM (decode steps do not get fewer, so outside KV-bound scenarios this is generous)",
+    "limit": "base ratio / (base prefill share x prompt positions per raw prompt token + base decode share x positions "
+             "per raw token), the base being stock's runs beside the row in the same pair (ratio 1) or the row without "
+             "UMIM (e.g. stock+fp8 for max+fp8, with its ratio to stock): the ratio if merged positions cost nothing and "
+             "all else cost what it costs without UMIM (decode steps do not get fewer, so outside KV-bound scenarios this "
+             "is generous)",
     "kv_cap": "KV-bound scenarios cap the cache in blocks of the model dtype; fp8 rows get the same bytes",
 }
 
