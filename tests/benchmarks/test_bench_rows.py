@@ -75,12 +75,13 @@ def test_split_limit_and_ratios_from_paired_runs():
     assert umim["token_reduction"] == pytest.approx(0.2) and umim["prompt_token_reduction"] == pytest.approx(0.4)
     assert umim["decode_step_ms_above_base"] == pytest.approx((5000 - 6000) / 32)
     assert "limit" not in stock and umim["base"]["row"] == "stock"
+    assert umim["phase_speedup"] == pytest.approx({"prefill": 4 / 3, "decode": 6 / 5})
     again = bench_rows.resummarize({"scenarios": [{"rows": [{**stock, "fidelity": None}, umim], "runs": runs, "prefill_runs": prefill}]})
     assert again["scenarios"][0]["rows"][1]["limit"] == pytest.approx(umim["limit"])
     scenario = {"scenario": {"name": "natural"}, "rows": [stock, umim], "command": "c", "when": "w",
                 "load_average_start": [1], "load_average_1_5_15": [1]}
     table = bench_rows.markdown({"scenarios": [scenario], "cpu_count": 2})
-    assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % | 38 % | 32 | 156.2 |" in table
+    assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % | 38 % | 1.33 / 1.20 | 32 | 156.2 |" in table
 
 
 def test_the_limit_of_a_row_over_fp8_starts_from_stock_fp8():

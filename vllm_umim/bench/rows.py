@@ -180,6 +180,10 @@ def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: di
         }
         if splits:
             summary["time"] = splits[row.name]
+            if row.name != STOCK:  # each phase against stock's runs in the same pair
+                pair = time_split(beside(stock, row.name), beside(prefill_runs[STOCK], row.name))
+                summary["phase_speedup"] = {"prefill": pair["prefill_s"] / splits[row.name]["prefill_s"],
+                                            "decode": pair["decode_s"] / splits[row.name]["decode_s"]}
             if row.umim and row.base in splits:
                 if row.base == STOCK:
                     base_split, base_ratio = time_split(beside(stock, row.name), beside(prefill_runs[STOCK], row.name)), 1.0
@@ -280,6 +284,7 @@ METHOD = {
              "UMIM (e.g. stock+fp8 for max+fp8, with its ratio to stock): the ratio if merged positions cost nothing and "
              "all else cost what it costs without UMIM (decode steps do not get fewer, so outside KV-bound scenarios this "
              "is generous)",
+    "phase_speedup": "stock's prefill_s (decode_s) in the same pair / the row's",
     "kv_cap": "KV-bound scenarios cap the cache in blocks of the model dtype; fp8 rows get the same bytes",
 }
 
@@ -342,7 +347,7 @@ def kept_scenarios(path: Path, engine_kwargs: dict, running: list[str]) -> list[
 # Tables -------------------------------------------------------------------------------------------
 
 ROWS_HEADER = ["scenario", "row", "tok/s / stock, median [min–max] (n)", "limit", "of limit", "TR", "prefill share",
-               "decode steps", "decode step ms", "fidelity: 1st difference mean, equal %", "preemptions"]
+               "prefill / decode vs stock", "decode steps", "decode step ms", "fidelity: 1st difference mean, equal %", "preemptions"]
 
 
 def ratio_text(ratio: dict) -> str:
@@ -358,6 +363,7 @@ def row_cells(scenario_name: str, s: dict) -> list[str]:
         f"{100 * s['ratio_to_limit']:.0f} %" if s.get("ratio_to_limit") else "–",
         f"{100 * s['token_reduction']:.1f} %" if s["umim"] else "–",
         f"{100 * time_['prefill_share']:.0f} %" if time_ else "–",
+        f"{s['phase_speedup']['prefill']:.2f} / {s['phase_speedup']['decode']:.2f}" if s.get("phase_speedup") else "–",
         f"{time_['decode_steps']:.0f}" if time_ else "–",
         f"{time_['decode_step_ms']:.1f}" if time_.get("decode_step_ms") else "–",
         f"{fidelity['first_difference_mean']:.1f}, {100 * fidelity['equal_share']:.0f} %" if fidelity else "–",
