@@ -243,7 +243,8 @@ def which_to_turn_on(path: Path = COMPOSE) -> str:
     return (table + "\n\n" + f"Each engine against stock vLLM in the same run ({engine_arguments(report)}, {report['cpu_count']} CPU cores), "
             f"median [min–max] over {report['repetitions']} alternating repetitions; first differing token: mean index "
             "of the first greedy output token that differs from stock vLLM in fp32 (the output length = none). "
-            "`+ngram` with UMIM is refused at start-up (see docs/results.md).")
+            "`+ngram` with UMIM is refused at start-up; every figure, the prefill / decode split and each point's limit: "
+            "[docs/results.md](docs/results.md#beside-vllms-own-ways-to-go-faster).")
 
 
 def compose_section() -> list[str]:
