@@ -284,7 +284,8 @@ def speculation_text(report: dict) -> list[str]:
             umim = [(name, p[scenario]) for name, p in rows_by_name(report).items() if p.get(scenario, {}).get("umim") and scenario in p]
             best_name, best = max(umim, key=lambda item: item[1]["ratio"]["median"]) if umim else (None, None)
             acceptance = f", {100 * s['draft_acceptance']:.0f} % of draft tokens accepted" if s.get("draft_acceptance") is not None else ""
-            text = f"*{scenario}*: n-gram speculation alone {s['ratio']['median']:.3f} × stock{acceptance}"
+            text = (f"*{scenario}*: n-gram speculation alone {s['ratio']['median']:.3f} × stock "
+                    f"[{s['ratio']['min']:.3f}–{s['ratio']['max']:.3f}]{acceptance}")
             if best:
                 product = s["ratio"]["median"] * best["ratio"]["median"]
                 better_alone = max(best["ratio"]["median"], s["ratio"]["median"])

@@ -77,5 +77,5 @@ def test_which_to_turn_on_and_the_speculation_verdict_come_from_the_rows(tmp_pat
     table = report.which_to_turn_on(path)
     assert "| `max` | 1.30 [1.29–1.31] | 20.0 of 64 |" in table and "over 3 alternating repetitions" in table
     (verdict,) = [line for line in report.speculation_text(data) if line.startswith("- ")]
-    assert "0.800 × stock, 25 % of draft tokens accepted" in verdict
+    assert "0.800 × stock [0.790–0.810], 25 % of draft tokens accepted" in verdict
     assert "`max`, 1.300; the pair, if their gains multiplied, 1.040: not above the better of the two alone" in verdict
