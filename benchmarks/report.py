@@ -240,7 +240,7 @@ def which_to_turn_on(path: Path = COMPOSE) -> str:
     rows = [[f"`{row}`", *(cells(per.get(name)) for name in names), fidelity(per.get(names[0]))]
             for row, per in rows_by_name(report).items()]
     table = markdown_table(["engine", *(f"tok/s vs stock, {name}" for name in names), f"first differing token, {names[0]}"], rows)
-    return (table + "\n\n" + f"Each engine against stock vLLM in the same run ({engine_arguments(report)}, {report['cpu_count']} CPU cores), "
+    return (table + "\n\n" + f"Each engine against stock vLLM running beside it, same engine arguments ({engine_arguments(report)}, {report['cpu_count']} CPU cores), "
             f"median [min–max] over {report['repetitions']} alternating repetitions; first differing token: mean index "
             "of the first greedy output token that differs from stock vLLM in fp32 (the output length = none). "
             "`+ngram` with UMIM is refused at start-up; every figure, the prefill / decode split and each point's limit: "
