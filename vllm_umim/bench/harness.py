@@ -197,10 +197,6 @@ def run(engine_kwargs: dict, config: BenchConfig, command: str) -> dict:
     from vllm_umim.engine.config import UmimConfig
     from vllm_umim.engine.operating_point import resolve_operating_point
 
-    if config.rows:
-        from vllm_umim.bench.rows import run as run_rows
-
-        return run_rows(engine_kwargs, config, command)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     umim = engine_kwargs["additional_config"]["umim"] = resolve_operating_point(engine_kwargs["additional_config"]["umim"])
     if UmimConfig.from_dict(umim).module_path() is None:
