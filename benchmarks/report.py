@@ -6,12 +6,14 @@ frontier, per-model alignment, training time.
 
 Reads ``artifacts/<model>/`` (``operating-points.json``, ``fidelity.json``, ``fidelity/*.json``,
 ``eval.json``) and ``benchmarks/results/`` (``*/throughput.json``, ``vllm-bench/summary.json``,
-``training-profile.json``); nothing is measured here. Every table goes through
-``vllm_umim.bench.tables.markdown_table``. Where README.md holds the markers
+``compose/rows.json``, ``training-profile.json``); nothing is measured here. Every table goes
+through ``vllm_umim.bench.tables.markdown_table``. Where README.md holds the markers
 ``<!-- operating-points:start -->`` and ``<!-- operating-points:end -->``, the three-row
-operating-points table (:func:`operating_points_summary`) is written between them; in
-docs/ceiling.md, the trained readers' table (:func:`readers_table`, from
-``artifacts/<model>/readers/readers.json``) between ``<!-- readers:start -->`` and ``<!-- readers:end -->``.
+operating-points table (:func:`operating_points_summary`) is written between them; between
+``<!-- which-to-turn-on:start -->`` and ``<!-- which-to-turn-on:end -->``, the "which to turn on"
+table of ``compose/rows.json`` (:func:`which_to_turn_on`); in docs/ceiling.md, the trained readers'
+table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) between
+``<!-- readers:start -->`` and ``<!-- readers:end -->``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import frontier
+from vllm_umim.bench.rows import ROWS_HEADER, row_cells
 from vllm_umim.bench.summary import THROUGHPUT_HEADER, engine_arguments, plot as plot_throughput, throughput_row
 from vllm_umim.bench.tables import kinds_of, markdown_table, per_kind, percent, ratio_cell
 from vllm_umim.bench.workloads import SCENARIOS
@@ -34,6 +37,8 @@ README = ROOT / "README.md"
 POINTS_MODEL = "smollm2-135m"  # the model whose operating points ship
 COMMAND = "python -m benchmarks.report"
 MARKERS = ("<!-- operating-points:start -->", "<!-- operating-points:end -->")
+WHICH_MARKERS = ("<!-- which-to-turn-on:start -->", "<!-- which-to-turn-on:end -->")
+COMPOSE = RESULTS / "compose" / "rows.json"
 CEILING_PAGE = ROOT / "docs" / "ceiling.md"
 READERS = ARTIFACTS / POINTS_MODEL / "readers" / "readers.json"
 READERS_MARKERS = ("<!-- readers:start -->", "<!-- readers:end -->")
@@ -219,6 +224,86 @@ def vllm_bench_section(summary: dict) -> list[str]:
     ]
 
 
+# Beside vLLM's own ways to go faster --------------------------------------------------------------
+
+def rows_by_name(report: dict) -> dict[str, dict[str, dict]]:
+    """``{row: {scenario: its summary}}`` of a ``vllm-umim bench --rows`` report, rows in run order."""
+    table: dict[str, dict[str, dict]] = {}
+    for sc in report["scenarios"]:
+        for s in sc["rows"]:
+            table.setdefault(s["row"], {})[sc["scenario"]["name"]] = s
+    return table
+
+
+def which_to_turn_on(path: Path = COMPOSE) -> str:
+    """README's short table: each row's speed against stock per scenario, and its fidelity."""
+    report = load(path)
+    names = [sc["scenario"]["name"] for sc in report["scenarios"]]
+    cells = lambda s: f"{s['ratio']['median']:.2f} [{s['ratio']['min']:.2f}–{s['ratio']['max']:.2f}]" if s else "–"  # noqa: E731
+    out_len = report["scenarios"][0]["scenario"]["output_len"]
+    fidelity = lambda s: f"{s['fidelity']['first_difference_mean']:.1f} of {out_len}" if s and s.get("fidelity") else "–"  # noqa: E731
+    rows = [[f"`{row}`", *(cells(per.get(name)) for name in names), fidelity(per.get(names[0]))]
+            for row, per in rows_by_name(report).items()]
+    table = markdown_table(["engine", *(f"tok/s vs stock, {name}" for name in names), f"first differing token, {names[0]}"], rows)
+    return (table + "\n\n" + f"Each engine against stock vLLM running beside it, same engine arguments ({engine_arguments(report)}, {report['cpu_count']} CPU cores), "
+            f"median [min–max] over {report['repetitions']} alternating repetitions; first differing token: mean index "
+            "of the first greedy output token that differs from stock vLLM in fp32 (the output length = none). "
+            "`+ngram` with UMIM is refused at start-up; every figure, the prefill / decode split and each point's limit: "
+            "[docs/results.md](docs/results.md#beside-vllms-own-ways-to-go-faster).")
+
+
+def compose_section() -> list[str]:
+    if not COMPOSE.is_file():
+        return []
+    report = load(COMPOSE)
+    rows = [row_cells(sc["scenario"]["name"], s) for sc in report["scenarios"] for s in sc["rows"]]
+    method = report["method"]
+    scenarios = "; ".join(f"*{sc['scenario']['name']}*: {sc['scenario']['num_prompts']} × {sc['scenario']['input_len']} → "
+                          f"{sc['scenario']['output_len']}" + (f", KV capped at {sc['scenario']['kv_blocks']} blocks" if sc["scenario"]["kv_blocks"] else "")
+                          for sc in report["scenarios"])
+    return [
+        "## Beside vLLM's own ways to go faster", "",
+        "`vllm-umim bench --rows ...` (`vllm_umim.bench.rows`): stock vLLM, vLLM's fp8 KV cache (`+fp8`), vLLM's n-gram "
+        f"speculation (`+ngram`: `{json.dumps(report['ngram'])}`) and the UMIM operating points, every engine with the same "
+        f"engine arguments ({engine_arguments(report)}) on the same requests ({scenarios}). Stock stays up and each other "
+        "engine runs beside it in turn, alternating which goes first.", "",
+        markdown_table(ROWS_HEADER, rows), "",
+        f"Ratio: {method['ratio']}. Limit: {method['limit']}. Time: {method['time']}. Fidelity: {method['fidelity']}. "
+        f"KV cap: {method['kv_cap']}.", "",
+        *speculation_text(report), "",
+        f"{report['cpu_count']} CPU cores; `{relative(COMPOSE)}`. Per scenario, its command, when it ran and the load "
+        "average (1/5/15 min) at its start and end:", "",
+        *(f"- *{sc['scenario']['name']}*: `{sc['command']}`, {sc['when']}, {sc['load_average_start']} → "
+          f"{sc['load_average_1_5_15']}" for sc in report["scenarios"]),
+    ]
+
+
+def speculation_text(report: dict) -> list[str]:
+    """Why UMIM + n-gram speculation stays refused, from the numbers: the pair at best multiplies
+    the two speed-ups (speculation shortens decode, merging shrinks positions)."""
+    lines = []
+    for row_name, per in rows_by_name(report).items():
+        if row_name != "stock+ngram":
+            continue
+        for scenario, s in per.items():
+            umim = [(name, p[scenario]) for name, p in rows_by_name(report).items() if p.get(scenario, {}).get("umim") and scenario in p]
+            best_name, best = max(umim, key=lambda item: item[1]["ratio"]["median"]) if umim else (None, None)
+            acceptance = f", {100 * s['draft_acceptance']:.0f} % of draft tokens accepted" if s.get("draft_acceptance") is not None else ""
+            text = (f"*{scenario}*: n-gram speculation alone {s['ratio']['median']:.3f} × stock "
+                    f"[{s['ratio']['min']:.3f}–{s['ratio']['max']:.3f}]{acceptance}")
+            if best:
+                product = s["ratio"]["median"] * best["ratio"]["median"]
+                better_alone = max(best["ratio"]["median"], s["ratio"]["median"])
+                verdict = "above" if product > better_alone else "not above"
+                text += (f"; the best UMIM row, `{best_name}`, {best['ratio']['median']:.3f}; the pair, if their gains "
+                         f"multiplied, {product:.3f}: {verdict} the better of the two alone")
+            lines.append(text + ".")
+    if not lines:
+        return []
+    return ["UMIM with n-gram speculation is refused at start-up (both rewrite the KV tail: draft rollbacks and merge "
+            "rollbacks). Whether composing them would pay, from the rows above:", "", *(f"- {line}" for line in lines)]
+
+
 # Fidelity, frontier, alignment --------------------------------------------------------------------
 
 def fidelity_files(model: str) -> list[Path]:
@@ -342,6 +427,7 @@ def render_page(plots: bool = False) -> str:
          "How each figure is measured: [benchmarks/README.md](../benchmarks/README.md).*"],
         operating_points_section(),
         throughput_section(RESULTS / "throughput.png" if plots else None),
+        compose_section(),
         *(model_section(model, RESULTS / "frontier.png" if plots else None) for model in models
           if fidelity_files(model) or (ARTIFACTS / model / "eval.json").is_file()),
         training_section(),
@@ -349,8 +435,8 @@ def render_page(plots: bool = False) -> str:
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 
 
-def with_block(text: str, markers: tuple[str, str], block) -> str:
-    """``text`` with ``block()`` between the markers (unchanged without them)."""
+def between(text: str, markers: tuple[str, str], block) -> str:
+    """``text`` with ``block()`` between the two markers (unchanged without them)."""
     start, end = markers
     if start not in text or end not in text:
         return text
@@ -359,8 +445,10 @@ def with_block(text: str, markers: tuple[str, str], block) -> str:
 
 
 def readme_with_summary(text: str) -> str:
-    """README text with the operating-points table between the markers (unchanged without them)."""
-    return with_block(text, MARKERS, operating_points_summary)
+    """README text with the operating-points table, and the which-to-turn-on table when its JSON is
+    committed, between their markers (unchanged without them)."""
+    text = between(text, MARKERS, operating_points_summary)
+    return between(text, WHICH_MARKERS, which_to_turn_on) if COMPOSE.is_file() else text
 
 
 def expected_texts(plots: bool = False) -> dict[Path, str]:
@@ -368,7 +456,7 @@ def expected_texts(plots: bool = False) -> dict[Path, str]:
     if README.is_file():
         texts[README] = readme_with_summary(README.read_text())
     if CEILING_PAGE.is_file() and READERS.is_file():
-        texts[CEILING_PAGE] = with_block(CEILING_PAGE.read_text(), READERS_MARKERS, lambda: readers_table(load(READERS)))
+        texts[CEILING_PAGE] = between(CEILING_PAGE.read_text(), READERS_MARKERS, lambda: readers_table(load(READERS)))
     return texts
 
 

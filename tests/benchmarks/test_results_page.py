@@ -60,3 +60,22 @@ def test_the_one_table_writer():
     figures = {"wiki": {"kl": 0.5}, "gsm8k": {"kl": 0.25}}
     assert per_kind(figures, "kl", "{:.2f}".format) == "0.50 / 0.25"
     assert per_kind(figures, "missing", "{}".format) == "–"
+
+
+def rows_summary(row, ratio, umim=None, acceptance=None):
+    return {"row": row, "umim": umim, "ratio": {"median": ratio, "min": ratio - 0.01, "max": ratio + 0.01, "n": 3},
+            "draft_acceptance": acceptance, "fidelity": {"first_difference_mean": 20.0, "equal_share": 0.5}}
+
+
+def test_which_to_turn_on_and_the_speculation_verdict_come_from_the_rows(tmp_path):
+    scenario = {"name": "natural", "output_len": 64, "num_prompts": 32, "input_len": 190, "kv_blocks": None}
+    rows = [rows_summary("stock", 1.0), rows_summary("stock+ngram", 0.8, acceptance=0.25), rows_summary("max", 1.3, umim="pt")]
+    data = {"scenarios": [{"scenario": scenario, "rows": rows}], "engine_kwargs": {"model": "m", "enforce_eager": True},
+            "cpu_count": 2, "repetitions": 3}
+    path = tmp_path / "rows.json"
+    path.write_text(__import__("json").dumps(data))
+    table = report.which_to_turn_on(path)
+    assert "| `max` | 1.30 [1.29–1.31] | 20.0 of 64 |" in table and "over 3 alternating repetitions" in table
+    (verdict,) = [line for line in report.speculation_text(data) if line.startswith("- ")]
+    assert "0.800 × stock [0.790–0.810], 25 % of draft tokens accepted" in verdict
+    assert "`max`, 1.300; the pair, if their gains multiplied, 1.040: not above the better of the two alone" in verdict

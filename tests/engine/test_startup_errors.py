@@ -90,3 +90,16 @@ def model_identity_of(model_dir):
     from vllm_umim.module import model_identity
 
     return model_identity(AutoConfig.from_pretrained(model_dir))
+
+
+def test_ngram_speculation_is_refused_in_one_line_and_fp8_kv_composes(model_dir):
+    """UMIM + n-gram speculation fails at start-up, one line naming it (benchmarks/results/compose
+    holds the numbers behind keeping it refused); UMIM + fp8 KV cache starts."""
+    apply_patches()
+    umim = {"umim": {"rules": str(RULES), "module": "mean"}}
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    with pytest.raises(UmimError, match="speculative decoding") as refused:
+        EngineArgs(model=model_dir, speculative_config=ngram, additional_config=umim).create_engine_config()
+    assert "\n" not in str(refused.value)
+    config = EngineArgs(model=model_dir, kv_cache_dtype="fp8", additional_config=umim).create_engine_config()
+    assert config.cache_config.cache_dtype == "fp8" and config.scheduler_config.scheduler_cls.endswith("UmimScheduler")

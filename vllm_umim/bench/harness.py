@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from vllm_umim.bench.summary import profile_summary, summarize, write_outputs
-from vllm_umim.bench.workloads import SCENARIOS, kv_block_size, natural_documents, natural_prompts, never_matching_rules, scenario
+from vllm_umim.bench.workloads import DEFAULT_SCENARIOS, SCENARIOS, kv_block_size, natural_documents, natural_prompts, never_matching_rules, scenario
 from vllm_umim.errors import UmimError
 
 SHIPPED_RULES = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m" / "rules.bin"  # in a checkout
@@ -48,7 +48,7 @@ def default_rules() -> str:
 class BenchConfig:
     """What to run beside the engine arguments (each field is a ``vllm-umim bench`` flag)."""
 
-    scenario: list[str] = dataclasses.field(default_factory=lambda: list(SCENARIOS),
+    scenario: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SCENARIOS),
                                             metadata={"help": "scenarios to run", "nargs": "+", "choices": list(SCENARIOS)})
     repetitions: int = dataclasses.field(default=3, metadata={"help": "alternating repetitions per scenario"})
     num_prompts: int | None = dataclasses.field(default=None, metadata={"help": "override every scenario's request count"})
@@ -58,6 +58,12 @@ class BenchConfig:
     temperature: float = dataclasses.field(default=0.0, metadata={"help": "0: greedy; vLLM's bench uses 1.0"})
     profile: bool = dataclasses.field(default=False, metadata={"help": "also profile one UMIM run per scenario (cProfile, in-process engine)"})
     output_dir: Path = dataclasses.field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "where the results go"})
+    rows: list[str] = dataclasses.field(default_factory=list, metadata={
+        "help": "compare these engines with stock instead (vllm_umim.bench.rows): stock or an operating point "
+                "(faithful, balanced, max, umim = --umim-rules, or a path), each optionally +fp8 and/or +ngram",
+        "nargs": "+", "metavar": "ROW"})
+    split: bool = dataclasses.field(default=True, metadata={"help": "with --rows: time a prefill-only run after each run"})
+    kv_space_gib: int = dataclasses.field(default=1, metadata={"help": "with --rows: VLLM_CPU_KVCACHE_SPACE of each engine"})
 
 
 class EngineProcess:

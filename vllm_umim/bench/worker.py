@@ -3,7 +3,8 @@
     python -m vllm_umim.bench.worker SPEC_JSON RESULT_FD
 
 SPEC_JSON: ``{"engine_kwargs": {...EngineArgs fields...}, "label": "stock"}``. Commands arrive as
-JSON lines on stdin (``{"prompts": path, "output_len": n, "temperature": t, "profile": path|null}``,
+JSON lines on stdin (``{"prompts": path, "output_len": n, "temperature": t, "profile": path|null,
+"return_tokens": bool}``,
 or ``{"quit": true}``); each run's measurements go back as one JSON line on RESULT_FD (stdout and
 stderr carry vLLM's log). The run loop is ``vllm bench throughput``'s: add every request, then
 step the engine until all finish; ``ignore_eos`` with a fixed output length.
@@ -31,10 +32,15 @@ class PeakKvLogger(StatLoggerBase):
 
     def reset(self) -> None:
         self.peak_usage, self.preemptions = 0.0, 0
+        self.draft_tokens = self.accepted_tokens = 0  # n-gram speculation (vLLM's speculative_config)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         if scheduler_stats is not None:
             self.peak_usage = max(self.peak_usage, scheduler_stats.kv_cache_usage)
+            spec = scheduler_stats.spec_decoding_stats
+            if spec is not None:
+                self.draft_tokens += spec.num_draft_tokens
+                self.accepted_tokens += spec.num_accepted_tokens
         if iteration_stats is not None:
             self.preemptions += iteration_stats.num_preempted_reqs
 
@@ -50,8 +56,9 @@ def build_engine(engine_kwargs: dict):
     return LLMEngine.from_engine_args(engine_args, stat_loggers=[PeakKvLogger])
 
 
-def run(engine, prompts: list[list[int]], output_len: int, temperature: float) -> dict:
-    """Serve every prompt once; wall time from the first request added to the last one finished."""
+def run(engine, prompts: list[list[int]], output_len: int, temperature: float, return_tokens: bool = False) -> dict:
+    """Serve every prompt once; wall time from the first request added to the last one finished.
+    ``steps``: engine steps taken; with ``return_tokens``, each request's output ids in prompt order."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -62,19 +69,22 @@ def run(engine, prompts: list[list[int]], output_len: int, temperature: float) -
     stats_logger.reset()
     params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True, seed=0)
     outputs = []
+    steps = 0
     started = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"bench-{i}", TokensPrompt(prompt_token_ids=prompt), params)
     while engine.has_unfinished_requests():
         outputs += [output for output in engine.step() if output.finished]
+        steps += 1
     elapsed = time.perf_counter() - started
 
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(map(len, prompts))
     merged = [s for s in map(merge_stats, outputs) if s]
     total = lambda key: sum(s[key] for s in merged)  # noqa: E731
-    return {
+    result = {
         "elapsed_s": elapsed,
+        "steps": steps,
         "num_requests": len(outputs),
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
@@ -93,7 +103,13 @@ def run(engine, prompts: list[list[int]], output_len: int, temperature: float) -
         "prefill_merges": total("prefill_merges") if merged else 0,
         "decode_merges": total("decode_merges") if merged else 0,
         "tokens_merged_away": total("tokens_merged_away") if merged else 0,
+        "draft_tokens": stats_logger.draft_tokens,
+        "accepted_tokens": stats_logger.accepted_tokens,
     }
+    if return_tokens:
+        by_index = {int(o.request_id.split("-")[1]): list(o.outputs[0].token_ids) for o in outputs}
+        result["token_ids"] = [by_index[i] for i in range(len(prompts))]
+    return result
 
 
 def profiled_run(engine, prompts, output_len, temperature, path: str) -> dict:
@@ -124,7 +140,7 @@ def main() -> None:
         if command.get("profile"):
             result = profiled_run(engine, prompts, command["output_len"], command["temperature"], command["profile"])
         else:
-            result = run(engine, prompts, command["output_len"], command["temperature"])
+            result = run(engine, prompts, command["output_len"], command["temperature"], command.get("return_tokens", False))
         results.write(json.dumps(result) + "\n")
 
 

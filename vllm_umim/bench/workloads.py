@@ -2,7 +2,8 @@
 
 Every prompt is a prefix of a real document, cut to a fixed number of raw tokens (never random
 tokens: merge rules match natural text, and how often they match is what the benchmark is about).
-Four scenarios (``SCENARIOS``); their defaults can be overridden on the command line.
+Six scenarios (``SCENARIOS``; ``vllm-umim bench`` runs the first four unless told otherwise); their
+defaults can be overridden on the command line.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ SCENARIOS = {
         Scenario("decode-heavy", 16, 64, 96, kv_blocks=20, about="KV space too small for stock: merging fits more requests"),
         Scenario("decode-long", 16, 64, 256, kv_blocks=40, about="as decode-heavy with longer outputs: decode merges dominate"),
         Scenario("no-merge", 16, 128, 32, never_matching_rules=True, about="rules that never match: the cost of looking"),
+        Scenario("natural", 32, 190, 64, about="held-out text shaped like vllm-umim bench-pair's ShareGPT run (~190 -> 64)"),
+        Scenario("short-turns", 32, 48, 48, about="short chat-like turns: little to merge, many short requests"),
     ]
 }
+DEFAULT_SCENARIOS = ("prefill-heavy", "decode-heavy", "decode-long", "no-merge")
 
 
 def kv_block_size() -> int:

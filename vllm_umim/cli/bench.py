@@ -74,4 +74,7 @@ def run(args) -> None:
         parsed.model = str(fetch_model("smollm2-135m"))
     if parsed.umim_rules is None:
         parsed.umim_rules = default_rules()
-    run_bench(engine_kwargs_of(parsed), config_from_args(BenchConfig, parsed), shlex.join(["vllm-umim", "bench", *bench_args]))
+    config = config_from_args(BenchConfig, parsed)
+    if config.rows:  # each row against stock instead of UMIM against stock
+        from vllm_umim.bench.rows import run as run_bench
+    run_bench(engine_kwargs_of(parsed), config, shlex.join(["vllm-umim", "bench", *bench_args]))
