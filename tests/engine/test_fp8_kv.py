@@ -80,6 +80,7 @@ def test_opt_out_equals_stock_fp8(umim_fp8_llm, stock_fp8_llm, heldout_prompts):
         assert merge_stats(u) is None, index  # served unmerged
 
 
+@pytest.mark.measurement  # 120 reference generations: minutes; bash scripts/test.sh --measurements
 def test_umim_fp8_agrees_with_reference_like_stock_fp8(umim_fp8_llm, stock_fp8_llm, reference_runtimes, hf_model, heldout_prompts, tokenizer):
     eos = (tokenizer.eos_token_id,)
     merged_reference = [reference_runtimes["dynamic"].generate(p, MAX_TOKENS, eos_token_ids=eos) for p in heldout_prompts]
