@@ -26,7 +26,8 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 def test_every_subcommand_is_a_module_with_register_and_run():
     assert all(callable(command.register) and callable(command.run) for command in COMMANDS)
     assert set(subparsers()) == {"fetch-model", "fetch-corpus", "training-mix", "mine", "inspect", "generate", "demo", "train",
-                                 "teacher-cache", "eval", "fidelity", "lm-eval", "score-rules", "select-rules", "ceiling", "bench", "bench-pair"}
+                                 "teacher-cache", "eval", "fidelity", "lm-eval", "score-rules", "select-rules", "ceiling", "bench", "bench-pair",
+                                     "readers", "merge-reader"}
 
 
 def test_each_subcommand_runs_its_modules_run():
