@@ -21,10 +21,6 @@ from pathlib import Path
 TIE = 1e-3
 
 
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -45,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vllm.inputs import TokensPrompt
 
     from vllm_umim.data.model import load_tokenizer
+    from vllm_umim.evaluation.fidelity import first_divergence
     from vllm_umim.evaluation.fidelity_prompts import build_prompts
     from vllm_umim.files import file_sha256, write_json_atomic
     from vllm_umim.module import model_identity, resolve_module
@@ -81,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 reference = runtime.generate(prompt, args.max_tokens, eos_token_ids=eos)
                 ref_tokens, margins = reference.output_token_ids, reference.margins
-            step = first_difference(list(output.outputs[0].token_ids), ref_tokens)
-            if step is None:
+            engine_tokens = list(output.outputs[0].token_ids)
+            step = first_divergence(ref_tokens, engine_tokens)
+            if engine_tokens == ref_tokens:
                 exact += 1
             elif step < len(margins) and margins[step] < TIE:
                 ties.append([i, step, margins[step]])

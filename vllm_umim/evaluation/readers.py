@@ -28,6 +28,7 @@ import torch
 
 from vllm_umim.errors import OptionError
 from vllm_umim.evaluation.ceiling import Split, module_surrogates, paired_difference, row_metrics, summarize, teacher_logprobs
+from vllm_umim.evaluation.fidelity import first_divergence
 
 
 @dataclass
@@ -103,7 +104,7 @@ def drift(teacher_model, student_model, split: Split, prompts: list[list[int]], 
         ids = torch.tensor([prompt])
         a = teacher_model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
         b = student_model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        divergences.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+        divergences.append(first_divergence(a, b))
     return {"raw_kl": kl / n, "raw_top1": top1 / n, "raw_positions": n, "first_divergence": float(np.mean(divergences)),
             "equal_all": float(np.mean([d >= new_tokens for d in divergences])), "prompts": len(prompts), "new_tokens": new_tokens}
 
