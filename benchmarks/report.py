@@ -235,9 +235,13 @@ def rows_by_name(report: dict) -> dict[str, dict[str, dict]]:
     return table
 
 
-def max_load(report: dict) -> float:
-    """The highest 1-minute load average recorded at a scenario's start or end."""
-    return max(max(sc["load_average_start"][0], sc["load_average_1_5_15"][0]) for sc in report["scenarios"])
+def load_note(report: dict) -> str:
+    """", on a machine shared with other work (...)" when a scenario recorded a 1-minute load average
+    above the CPU count at its start or end, else nothing."""
+    loads = [sc[key][0] for sc in report["scenarios"] for key in ("load_average_start", "load_average_1_5_15") if sc.get(key)]
+    if not loads or max(loads) <= report["cpu_count"]:
+        return ""
+    return f", on a machine shared with other work (1-minute load average up to {max(loads):.1f}: the ranges are wide)"
 
 
 def which_to_turn_on(path: Path = COMPOSE) -> str:
@@ -251,8 +255,7 @@ def which_to_turn_on(path: Path = COMPOSE) -> str:
             for row, per in rows_by_name(report).items()]
     table = markdown_table(["engine", *(f"tok/s vs stock, {name}" for name in names), f"first differing token, {names[0]}"], rows)
     return (table + "\n\n" + f"Each engine against stock vLLM running beside it, same engine arguments ({engine_arguments(report)}, {report['cpu_count']} CPU cores), "
-            f"median [min–max] over {report['repetitions']} alternating repetitions, on a machine shared with other work "
-            f"(1-minute load average up to {max_load(report):.1f}: the ranges are wide); first differing token: mean index "
+            f"median [min–max] over {report['repetitions']} alternating repetitions{load_note(report)}; first differing token: mean index "
             "of the first greedy output token that differs from stock vLLM in fp32 (the output length = none). "
             "`+ngram` with UMIM is refused at start-up; every figure, the prefill / decode split and each point's limit: "
             "[docs/results.md](docs/results.md#beside-vllms-own-ways-to-go-faster).")
