@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from vllm_umim.module import model_identity, resolve_module
     from vllm_umim.reference import ReferenceRuntime
     from vllm_umim.rules import load_rules
-    from vllm_umim.training.reader import merge_reader
+    from vllm_umim.training.reader import adapter_sha256, merge_reader
 
     merged = Path(args.merged)
     if not (merged / "config.json").is_file():
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     llm = LLM(model=str(merged), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
               additional_config={"umim": {"rules": args.rules, "module": args.module}})
-    result = {"model": args.model, "reader_sha256": file_sha256(Path(args.reader) / "adapter_model.safetensors"),
+    result = {"model": args.model, "reader_sha256": adapter_sha256(args.reader),
               "module_sha256": file_sha256(args.module), "prompts": len(prompts), "max_tokens": args.max_tokens, "tie": TIE, "modes": {}}
     for mode in ("prompt", "dynamic", "off"):
         choice = False if mode == "off" else mode

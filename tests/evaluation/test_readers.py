@@ -10,7 +10,7 @@ from tests.conftest import make_ruleset, tiny_llama
 from tests.training.test_training import RULES, windows
 from vllm_umim.errors import OptionError
 from vllm_umim.evaluation.ceiling import Split, evaluate, module_surrogates
-from vllm_umim.evaluation.readers import ReadersConfig, drift, student_rows, two_stage_ppl
+from vllm_umim.evaluation.readers import ReadersConfig, drift, two_stage_ppl
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 
 
@@ -22,10 +22,14 @@ def _module(seed=1):
     return module.eval()
 
 
+def _rows(teacher, student, split, module):
+    return evaluate(teacher, split, lambda i: module_surrogates(teacher, split.batches[i], module), {}, student)
+
+
 def test_rows_of_a_frozen_reader_are_the_ceilings_module_rows():
     model, module = tiny_llama(), _module()
     split = Split.build(windows(8, seq_len=24, seed=3), make_ruleset(RULES), 4)
-    ours = student_rows(model, model, split, module, {})
+    ours = _rows(model, tiny_llama(), split, module)  # a student with the teacher's weights
     theirs = evaluate(model, split, lambda i: module_surrogates(model, split.batches[i], module))
     assert np.allclose(ours["kl"], theirs["kl"], atol=1e-6) and np.array_equal(ours["top1"], theirs["top1"])
 
@@ -33,8 +37,8 @@ def test_rows_of_a_frozen_reader_are_the_ceilings_module_rows():
 def test_an_adapted_reader_is_scored_against_the_base_model():
     teacher, student, module = tiny_llama(), tiny_llama(seed=5), _module()
     split = Split.build(windows(8, seq_len=24, seed=3), make_ruleset(RULES), 4)
-    same = student_rows(teacher, teacher, split, module, {})
-    other = student_rows(teacher, student, split, module, {})
+    same = _rows(teacher, teacher, split, module)
+    other = _rows(teacher, student, split, module)
     assert other["kl"].mean() > same["kl"].mean()
     prompts = [w[:10] for w in windows(3, seq_len=12, seed=4)]
     assert drift(teacher, teacher, split, prompts, 6) == pytest.approx(

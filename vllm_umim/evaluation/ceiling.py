@@ -313,9 +313,10 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts]) for name in ROW_METRICS}
 
 
-def evaluate(model, split: Split, surrogates_of, teacher_cache: dict | None = None) -> dict[str, np.ndarray]:
+def evaluate(model, split: Split, surrogates_of, teacher_cache: dict | None = None, student_model=None) -> dict[str, np.ndarray]:
     """Per-row metrics over every aligned row of ``split``; ``surrogates_of(i)`` gives batch i's
-    surrogate vectors; ``teacher_cache`` (batch index -> teacher log-probabilities) is filled and reused."""
+    surrogate vectors; ``teacher_cache`` (batch index -> teacher log-probabilities) is filled and reused.
+    ``student_model``: the model that reads the merged input (an adapted reader); default ``model``."""
     parts = []
     teacher_cache = {} if teacher_cache is None else teacher_cache
     for i, batch in enumerate(split.batches):
@@ -323,7 +324,7 @@ def evaluate(model, split: Split, surrogates_of, teacher_cache: dict | None = No
             teacher_cache[i] = teacher_logprobs(model, batch)
         teacher = teacher_cache[i]
         with torch.no_grad():
-            student = student_logprobs(model, batch, surrogates_of(i))
+            student = student_logprobs(student_model or model, batch, surrogates_of(i))
         parts.append(row_metrics(teacher, student))
     return _concat(parts)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vllm_umim.errors import OptionError
-from vllm_umim.evaluation.ceiling import Split, module_surrogates, paired_difference, row_metrics, summarize, teacher_logprobs
+from vllm_umim.evaluation.ceiling import Split, evaluate, module_surrogates, paired_difference, summarize
 from vllm_umim.evaluation.fidelity import first_divergence
 
 
@@ -76,19 +76,6 @@ def load_student(base_dir: str, reader: str | None):
 
 
 @torch.no_grad()
-def student_rows(teacher_model, student_model, split: Split, module, teacher_cache: dict) -> dict[str, np.ndarray]:
-    from vllm_umim.evaluation.ceiling import student_logprobs
-
-    parts = []
-    for i, batch in enumerate(split.batches):
-        if i not in teacher_cache:
-            teacher_cache[i] = teacher_logprobs(teacher_model, batch)
-        surrogates = module_surrogates(student_model, batch, module)
-        parts.append(row_metrics(teacher_cache[i], student_logprobs(student_model, batch, surrogates)))
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-@torch.no_grad()
 def drift(teacher_model, student_model, split: Split, prompts: list[list[int]], new_tokens: int) -> dict:
     """The adapted model on raw text against the base model: KL and top-1 over every raw position
     of the held-out windows, and greedy first divergence from ``prompts``."""
@@ -127,6 +114,7 @@ def run_readers(config: ReadersConfig, log=print) -> dict:
     from vllm_umim.module.batches import corpus_windows, segment
     from vllm_umim.module.file_format import load_module, model_identity
     from vllm_umim.module.frozen_model import load_frozen_model
+    from vllm_umim.training.reader import adapter_parameters
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -151,7 +139,7 @@ def run_readers(config: ReadersConfig, log=print) -> dict:
         log(f"design {name}: {module_path}{' + ' + reader if reader else ''}")
         module = load_module(module_path, model_identity(teacher.config), frozen.rules.tokenizer_fingerprint)[0].float().eval()
         student = load_student(config.model, reader)
-        rows[name] = student_rows(teacher, student or teacher, split, module, teacher_cache)
+        rows[name] = evaluate(teacher, split, lambda i: module_surrogates(teacher, split.batches[i], module), teacher_cache, student)
         entry = {"module": module_path, "module_sha256": file_sha256(module_path), "reader": reader,
                  "context_tokens": module.config.context_tokens, "module_parameters": module.num_parameters(),
                  "all": summarize(rows[name]), "merged": summarize(rows[name], row_merged)}
@@ -159,7 +147,7 @@ def run_readers(config: ReadersConfig, log=print) -> dict:
             entry["two_stage_ppl"] = two_stage_ppl(teacher, student or teacher, module, ppl_segs)
         if student is not None:
             entry["drift"] = drift(teacher, student, split, prompts, config.drift_tokens)
-            entry["reader_parameters"] = sum(p.numel() for n, p in _lora_tensors(reader).items())
+            entry["reader_parameters"] = adapter_parameters(reader)
         baseline = designs[0][0]
         if name != baseline:
             entry["vs_" + baseline] = {
@@ -170,8 +158,3 @@ def run_readers(config: ReadersConfig, log=print) -> dict:
         write_json_atomic(result, Path(config.out))
     return result
 
-
-def _lora_tensors(folder: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(folder) / "adapter_model.safetensors"))

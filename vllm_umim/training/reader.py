@@ -95,6 +95,16 @@ def save_adapter(model: torch.nn.Module, config: ReaderConfig, folder: str | Pat
     return folder
 
 
+def adapter_parameters(folder: str | Path) -> int:
+    """How many numbers the adapters of ``folder`` hold (read from the file's header)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / ADAPTER_FILE), "pt") as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+
+
 def adapter_sha256(folder: str | Path) -> str:
     from vllm_umim.files import file_sha256
 

@@ -146,6 +146,7 @@ class Trainer:
         self.identity = model_identity(model.config)
         self.check_cache_model(model)  # the frozen model, before any adapter is injected
         self.reader = reader if reader is not None and reader.rank else None
+        self.val_raw: float | None = None  # an adapted reader's drift on the unmerged validation windows
         if self.reader is not None:
             self.trainable += adapt(self.model, self.reader)
         if config.precision not in PRECISIONS:
@@ -450,8 +451,7 @@ class Trainer:
             self.log({"step": 0, "tokens": 0, "val_loss": val, **self.raw_record()})
 
     def raw_record(self) -> dict:
-        val_raw = getattr(self, "val_raw", None)
-        return {"val_raw_loss": round(val_raw, 5)} if val_raw is not None else {}
+        return {"val_raw_loss": round(self.val_raw, 5)} if self.val_raw is not None else {}
 
     def train_step(self) -> tuple[float, torch.Tensor | None]:
         """One batch of distillation (paper §3.3): loss, backward, clip, AdamW and LR schedule."""
