@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_umim.errors import LmEvalTaskError, UmimError
+from vllm_umim.evaluation.continuation_kl import RowCollector, compare, load_rows, save_rows
 from vllm_umim.evaluation.paired import accuracy_interval, paired_difference
 from vllm_umim.files import write_bytes_atomic
 
@@ -42,6 +43,7 @@ DEFAULT_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
 PRIMARY_METRIC = {**{t: "acc" for t in MULTIPLE_CHOICE}, **{t: "exact_match" for t in GENERATIVE}}
 REFERENCE = "stock-fp32"
 LOGLIKELIHOOD_WINDOW = 64  # longest continuation a UMIM engine keeps raw (its max_window)
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: the largest kl_top_k
 FORMAT_VERSION = 1
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class LmEvalConfig:
     seed: int = 0
     loglikelihood_window: int = LOGLIKELIHOOD_WINDOW
     engine_args: dict = field(default_factory=dict)
+    kl_top_k: int = 0  # >0: keep each scored continuation's top-k rows for the per-token KL (continuation_kl)
     tasks_dir: str | Path = TASKS_DIR  # the YAML definitions (another folder: tests, variants)
 
     def task_limit(self, task: str) -> int | None:
@@ -98,7 +101,6 @@ def umim_vllm_class():
         return UmimVLLM
     from lm_eval.api.registry import register_model
     from lm_eval.models.vllm_causallms import VLLM
-    from tqdm import tqdm
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -112,7 +114,11 @@ def umim_vllm_class():
         continuation raw (module docstring). ``umim=None`` is stock vLLM, scored the same way.
         ``umim_counts`` accumulates merge figures over the requests served."""
 
-        def __init__(self, pretrained: str, umim: dict | None = None, loglikelihood_window: int = LOGLIKELIHOOD_WINDOW, **kwargs):
+        def __init__(self, pretrained: str, umim: dict | None = None, loglikelihood_window: int = LOGLIKELIHOOD_WINDOW,
+                     kl_top_k: int = 0, **kwargs):
+            self.kl_top_k = kl_top_k
+            self.kl_rows: RowCollector | None = None  # set per task by evaluate_task when kl_top_k > 0
+            self._doc_ids: list[int] = []
             self.umim_window = 0
             self.umim_max_window = 0
             if umim is not None:
@@ -152,7 +158,12 @@ def umim_vllm_class():
                 else:
                     extra = {"umim": False}
                     self.umim_counts["continuation_too_long"] += 1
-            return SamplingParams(temperature=0, prompt_logprobs=1, max_tokens=1, detokenize=False, extra_args=extra)
+            return SamplingParams(temperature=0, prompt_logprobs=max(1, self.kl_top_k), max_tokens=1, detokenize=False,
+                                  extra_args=extra)
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._doc_ids = [r.doc_id for r in requests]  # lm-eval keeps the order down to _loglikelihood_tokens
+            return super().loglikelihood(requests, disable_tqdm)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
             max_tokens = self.max_length - 1  # vLLM needs room for one generated token
@@ -166,10 +177,12 @@ def umim_vllm_class():
             outputs = self.model.generate([TokensPrompt(prompt_token_ids=t) for t in prompts], sampling_params=params,
                                           use_tqdm=not disable_tqdm)
             results = []
-            for (cache_key, _, _), tokens, scored, output in tqdm(zip(requests, prompts, lengths, outputs), total=len(requests),
-                                                                  disable=True):
+            doc_ids = self._doc_ids if len(self._doc_ids) == len(requests) else [-1] * len(requests)
+            for (cache_key, _, _), tokens, scored, output, doc_id in zip(requests, prompts, lengths, outputs, doc_ids, strict=True):
                 self._count(output, len(tokens))
                 answer = continuation_logprob(tokens[len(tokens) - scored :], output.prompt_logprobs)
+                if self.kl_rows is not None:
+                    self.kl_rows.add(doc_id, tokens[len(tokens) - scored :], output.prompt_logprobs)
                 results.append(answer)
                 if cache_key is not None:
                     self.cache_hook.add_partial("loglikelihood", cache_key, answer)
@@ -223,24 +236,31 @@ def item_path(output_dir: Path, system: str, task: str) -> Path:
     return output_dir / "items" / system / f"{task}.json"
 
 
+def rows_path(output_dir: Path, system: str, task: str) -> Path:
+    """The continuations' top-k rows beside the item scores (``continuation_kl``; not committed)."""
+    return output_dir / "items" / system / f"{task}.topk.npz"
+
+
 def _spec(config: LmEvalConfig, system: System, task: str) -> dict:
     return {"format": FORMAT_VERSION, "model": str(config.model), "system": asdict(system), "task": task,
             "limit": config.task_limit(task), "max_model_len": config.max_model_len, "enforce_eager": config.enforce_eager,
-            "seed": config.seed, "loglikelihood_window": config.loglikelihood_window, "engine_args": config.engine_args}
+            "seed": config.seed, "loglikelihood_window": config.loglikelihood_window, "engine_args": config.engine_args,
+            **({"kl_top_k": config.kl_top_k} if config.kl_top_k and task not in GENERATIVE else {})}
 
 
 def _finished(path: Path, spec: dict) -> bool:
     try:
-        return json.loads(path.read_text())["spec"] == spec
+        finished = json.loads(path.read_text())["spec"] == spec
     except (OSError, ValueError, KeyError):
         return False
+    return finished and ("kl_top_k" not in spec or path.with_name(f"{spec['task']}.topk.npz").is_file())
 
 
 def _make_lm(config: LmEvalConfig, system: System):
     cls = umim_vllm_class()
     return cls(pretrained=str(config.model), umim=system.umim, dtype=system.dtype, max_model_len=config.max_model_len,
                enforce_eager=config.enforce_eager, seed=config.seed, loglikelihood_window=config.loglikelihood_window,
-               batch_size="auto", **config.engine_args)
+               kl_top_k=config.kl_top_k, batch_size="auto", **config.engine_args)
 
 
 def evaluate_task(lm, task: str, task_dict, limit: int | None) -> dict:
@@ -248,6 +268,7 @@ def evaluate_task(lm, task: str, task_dict, limit: int | None) -> dict:
     from lm_eval.evaluator import evaluate
 
     lm.umim_counts.clear()
+    lm.kl_rows = RowCollector(lm.kl_top_k) if lm.kl_top_k and task not in GENERATIVE else None
     results = evaluate(lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=True, verbosity="WARNING")
     samples = sorted(results["samples"][TASK_PREFIX + task], key=lambda s: s["doc_id"])
     metrics = [m for m in ("acc", "acc_norm", "exact_match") if samples and m in samples[0]]
@@ -255,6 +276,8 @@ def evaluate_task(lm, task: str, task_dict, limit: int | None) -> dict:
     if task in GENERATIVE:
         record["responses"] = [s["filtered_resps"][0] for s in samples]
     record["merge"] = dict(lm.umim_counts)
+    if lm.kl_rows is not None:
+        record["rows"] = lm.kl_rows.rows()  # saved beside the item file by run_lm_eval, not in it
     return record
 
 
@@ -266,6 +289,8 @@ def run_lm_eval(config: LmEvalConfig) -> dict:
     and were written."""
     output_dir = Path(config.output_dir)
     systems = list(config.systems)
+    if not 0 <= config.kl_top_k <= MAX_LOGPROBS:
+        raise UmimError(f"kl_top_k must be 0 (off) to {MAX_LOGPROBS} (vLLM's max_logprobs), got {config.kl_top_k}")
     if REFERENCE not in [s.name for s in systems]:
         systems.insert(0, stock_systems(("float32",))[0])
     if len({s.name for s in systems}) != len(systems):
@@ -291,6 +316,8 @@ def run_lm_eval(config: LmEvalConfig) -> dict:
                 record = {"spec": _spec(config, system, task), "seconds": round(time.perf_counter() - started, 1), **record}
                 path = item_path(output_dir, system.name, task)
                 path.parent.mkdir(parents=True, exist_ok=True)
+                if "rows" in record:
+                    save_rows(record.pop("rows"), rows_path(output_dir, system.name, task))
                 write_bytes_atomic(json.dumps(record).encode(), path)
         finally:
             lm.shutdown()
@@ -345,6 +372,10 @@ def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]
                     mine, ref = dict(zip(record["doc_ids"], record["scores"][name])), dict(zip(reference["doc_ids"], reference["scores"][name]))
                     key = "paired_vs_reference" if name == metric else f"paired_vs_reference_{name}"
                     entry[key] = paired_difference([mine[d] for d in shared], [ref[d] for d in shared]).to_dict()
+            if reference is not None and system != REFERENCE and rows_path(output_dir, system, task).is_file() \
+                    and rows_path(output_dir, REFERENCE, task).is_file():
+                entry["continuation_kl"] = compare(load_rows(rows_path(output_dir, system, task)),
+                                                   load_rows(rows_path(output_dir, REFERENCE, task)))
             row["systems"][system] = entry
         table.append(row)
     return {"format": FORMAT_VERSION, "reference": REFERENCE, "systems": systems, "tasks": table}
@@ -403,6 +434,15 @@ def render_table(results: dict) -> str:
     text += "\n".join(lines) + "\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
+    kl = [(row["task"], s, row["systems"][s]["continuation_kl"]) for row in results["tasks"] for s in others
+          if "continuation_kl" in row["systems"].get(s, {})]
+    if kl:
+        text += ("\nPer-token KL(stock-fp32 ‖ system) on the scored continuations (top-k prompt logprobs + a rest bucket; "
+                 "mean over items of each item's mean, [95 % interval]), the share of tokens whose top-1 equals "
+                 "the reference's, and the reference mass outside the system's top-k (bounded, not dropped):\n\n"
+                 "| task | system | items | tokens | KL per token | top-1 agreement | imputed mass |\n|---|---|---|---|---|---|---|\n"
+                 + "\n".join(f"| {task} | {s} | {k['items']} | {k['tokens']} | {k['kl_mean']:.4f} [{k['kl_low']:.4f}, {k['kl_high']:.4f}] "
+                              f"| {_pct(k['top1_agreement'])} % | {_pct(k['imputed_mass'])} % |" for task, s, k in kl) + "\n")
     if merged:
         text += ("\n| task | system | requests merged | prompt tokens merged away |\n|---|---|---|---|\n" + "\n".join(
             f"| {task} | {system} | {m.get('served_merged', 0)}/{m.get('requests', 0)} | {_pct(m['prompt_token_reduction'])} % |"
