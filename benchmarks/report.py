@@ -42,6 +42,7 @@ COMPOSE = RESULTS / "compose" / "rows.json"
 CEILING_PAGE = ROOT / "docs" / "ceiling.md"
 READERS = ARTIFACTS / POINTS_MODEL / "readers" / "readers.json"
 READERS_MARKERS = ("<!-- readers:start -->", "<!-- readers:end -->")
+LM_EVAL = ARTIFACTS / POINTS_MODEL / "lm-eval" / "results.json"
 
 
 def load(path: Path) -> dict | list:
@@ -85,18 +86,47 @@ def bench_cell(point: dict, scenario: str, goal: bool = False) -> str:
     return cell + (f" (goal {0.95 / (1 - run['tr']):.2f})" if goal else "")
 
 
+def task_accuracy(results: dict | None, system: str) -> dict | None:
+    """A system's lm-eval accuracy against stock fp32 over the tasks it ran (``vllm-umim lm-eval``'s
+    results.json): the mean of the per-task paired differences, the worst task's difference with
+    its interval, the tasks whose interval lies wholly below zero, the items."""
+    rows = [(row["task"], row["systems"][system]["paired_vs_reference"]) for row in (results or {}).get("tasks", [])
+            if "paired_vs_reference" in row["systems"].get(system, {})]
+    if not rows:
+        return None
+    worst_task, worst = min(rows, key=lambda r: r[1]["estimate"])
+    return {"tasks": len(rows), "items": sum(d["n"] for _, d in rows), "mean": sum(d["estimate"] for _, d in rows) / len(rows),
+            "worst_task": worst_task, "worst": worst, "below": [t for t, d in rows if d["high"] < 0]}
+
+
+def accuracy_cell(figures: dict | None) -> str:
+    if figures is None:
+        return "–"
+    w = figures["worst"]
+    below = f"; below stock: {', '.join(figures['below'])}" if figures["below"] else ""
+    return (f"{100 * figures['mean']:+.1f} ({figures['tasks']} tasks, {figures['items']:,} items; worst {figures['worst_task']} "
+            f"{100 * w['estimate']:+.1f} [{100 * w['low']:+.1f}, {100 * w['high']:+.1f}]{below})")
+
+
 def operating_points_summary(path: Path = ARTIFACTS / POINTS_MODEL / "operating-points.json") -> str:
     """The three shipped operating points in one small table (README and the top of the results
     page): held-out TR, greedy agreement with unmerged output, throughput against stock vLLM."""
     data = load(path)
+    accuracy = load(LM_EVAL) if LM_EVAL.is_file() else None
     rows = [[f"**{p['name']}**", settings_text(p["settings"]), f"{percent(p['heldout_tr']['tr'], 1)} %",
              per_kind(p["fidelity"], "first_divergence_mean", "{:.1f}".format) if p["fidelity"] else "–",
+             accuracy_cell(task_accuracy(accuracy, p["name"])),
              bench_cell(p, "prefill-heavy"), bench_cell(p, "decode-heavy")] for p in data["points"]]
     table = markdown_table(["point", "merging", "token reduction (held-out wiki)", "first divergence (wiki / chat / gsm8k)",
-                            "UMIM / stock tok/s, prefill-heavy", "UMIM / stock tok/s, decode-heavy"], rows)
+                            "task accuracy − stock fp32, points", "UMIM / stock tok/s, prefill-heavy",
+                            "UMIM / stock tok/s, decode-heavy"], rows)
     bf16 = data.get("bf16")
+    bf16_accuracy = task_accuracy(accuracy, "stock-bf16")
     caption = ("First divergence: mean index of the first of 32 greedy tokens that differs from unmerged output"
                + (f" (stock vLLM in bf16 against fp32: {per_kind(bf16, 'first_divergence_mean', '{:.1f}'.format)})" if bf16 else "")
+               + ". Task accuracy: `vllm-umim lm-eval`, mean over tasks of the paired difference to stock vLLM in fp32 on "
+               "the same items, and the worst task with its 95 % interval"
+               + (f" (stock vLLM in bf16: {accuracy_cell(bf16_accuracy)})" if bf16_accuracy else "")
                + ". Throughput: raw tokens/s against stock vLLM, median [min–max] (repetitions), and the run's token reduction.")
     return table + "\n\n" + caption
 
