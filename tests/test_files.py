@@ -3,7 +3,10 @@ in the user's normal file mode (safetensors alone makes them 0600), without touc
 
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -94,3 +97,24 @@ def test_concurrent_writers_of_one_target_never_mix(tmp_path):
 def test_temporary_names_are_unique(tmp_path):
     names = {files._new_temp(tmp_path / "t.bin")[0].name for _ in range(50)}
     assert len(names) == 50
+
+
+def test_a_killed_writers_leftover_is_removed_by_the_next_write_once_its_writer_is_gone(tmp_path):
+    target = tmp_path / "module.safetensors"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that no longer runs
+    hour_ago = time.time() - files.LEFTOVER_AGE_S - 60
+    leftovers = {name: tmp_path / name for name in (
+        f".module.safetensors.{dead.pid}.aaaaaaaaaaaa.tmp",  # dead writer, old: removed
+        f".module.safetensors.{dead.pid}.bbbbbbbbbbbb.tmp",  # dead writer, fresh: it may be another machine's, kept
+        f".module.safetensors.{os.getpid()}.cccccccccccc.tmp",  # a live writer: kept
+        ".other.json.1.dddddddddddd.tmp",  # another target's: kept
+    )}
+    for name, path in leftovers.items():
+        path.write_bytes(b"half")
+        if "bbbb" not in name:
+            os.utime(path, (hour_ago, hour_ago))
+    files.write_bytes_atomic(b"whole", target)
+    assert target.read_bytes() == b"whole"
+    left = sorted(p.name for p in tmp_path.glob(".*.tmp"))
+    assert left == sorted(n for n in leftovers if "aaaa" not in n)
