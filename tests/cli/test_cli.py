@@ -65,7 +65,7 @@ def test_generate_with_the_engine_prints_results_only_on_stdout(model_dir):
     prompt = "The United States of America is one of the largest countries in the world."
     result = vllm_umim(
         "generate", "--model", model_dir, "--rules", RULES, "--module", "mean", "--prompt", prompt, "--max-tokens", "12",
-        "--dynamic", "--engine", "vllm",
+        "--dynamic", "--engine", "vllm", "--enforce-eager",
     )
     text, _, summary = result.stdout.rpartition("\n-- vllm: ")
     assert text.replace("[", "").replace("]", "").startswith(prompt), result.stdout[:2000]

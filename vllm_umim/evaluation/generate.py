@@ -24,6 +24,7 @@ class GenerateConfig:
     max_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
     dynamic: bool = field(default=False, metadata={"help": "also merge during decoding (pseudocode 4)"})
     engine: str = field(default="reference", metadata={"choices": ENGINES, "help": "HF reference runtime or a vLLM engine"})
+    enforce_eager: bool = field(default=False, metadata={"help": "vLLM engine without torch.compile (starts faster)"})
 
 
 def eos_token_ids(model, tokenizer) -> tuple[int, ...]:
@@ -69,7 +70,8 @@ def engine_generate(config: GenerateConfig, tokenizer, prompt_ids: list[int]) ->
     options = {"rules": str(config.rules), "mode": "dynamic" if config.dynamic else "prompt"}
     if config.module:
         options["module"] = config.module
-    llm = LLM(model=str(config.model), dtype="float32", max_model_len=2048, additional_config={"umim": options})
+    llm = LLM(model=str(config.model), dtype="float32", max_model_len=2048, enforce_eager=config.enforce_eager,
+              additional_config={"umim": options})
     params = SamplingParams(temperature=0.0, max_tokens=config.max_tokens)
     output = llm.generate([TokensPrompt(prompt_token_ids=prompt_ids)], params, use_tqdm=False)[0]
     result = replay_merges(prompt_ids, list(output.outputs[0].token_ids), GreedyLongestMatch(load_rules(config.rules)), config.dynamic)
