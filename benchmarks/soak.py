@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [s["load_1m"] for s in samples]
     out = {
         "command": "python -m benchmarks.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "serve_command": shlex.join(argv_serve),
+        "serve_command": " ".join(argv_serve),  # as README writes it (the shell expands its ~)
         "env": env,
         "settings": {"minutes": args.minutes, "clients": args.clients, "rules": args.rules, "max_window": MAX_WINDOW,
                      "kind_weights": KIND_WEIGHTS, "policies": POLICIES, "sample_s": args.sample_s,

@@ -45,6 +45,13 @@ def test_growth_above_the_bound_fails_and_names_the_process():
     assert slight["pass"] and 0 < slight["rss"]["api"]["growth"] < 0.02
 
 
+def test_every_sampled_process_is_judged():
+    with_worker = [{**s, "worker_rss": 1500 * MIB * (1 + 0.1 * s["t"] / 1920)} for s in samples()]
+    result = judge(with_worker)
+    assert set(result["rss"]) == {"api", "engine", "worker"}
+    assert not result["pass"] and [f.split()[0] for f in result["failures"]] == ["worker"]
+
+
 def test_a_single_5xx_fails():
     result = judge(samples(), {**GOOD, "chat": {"200": 199, "500": 1}})
     assert not result["pass"] and result["server_errors_5xx"] == 1
@@ -83,3 +90,22 @@ def test_malformed_requests_cover_the_cases():
     names = [name for name, _, _ in malformed_requests("m", "p")]
     assert {"negative-window", "huge-window", "unknown-setting", "wrong-type", "broken-json"} <= set(names)
     assert len(names) == len(set(names))
+
+
+def test_results_page_section_shows_the_verdict_and_both_tables(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import report
+
+    result = judge(samples(), {**GOOD, "chat": {"200": 199, "500": 1}})
+    soak = {"command": "python -m benchmarks.soak --minutes 32", "settings": {"clients": 6, "minutes": 32, "rules": "artifacts/x/max",
+            "max_window": 32}, "requests_total": 1280, "cpu_count": 2, "requests": GOOD,
+            "load_average": {"1m_during": {"min": 2.5, "median": 4.0, "max": 6.25}}, "verdict": result}
+    (tmp_path / "soak.json").write_text(json.dumps(soak))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = "\n".join(report.soak_section())
+    assert "Verdict **fail**: 1 5xx responses" in text and "5xx: 1;" in text
+    assert "| api | 400.0 | 400.0 | +0.00 % |" in text
+    assert "| requests | 200 | 400 | 422 | total |" in text and "| malformed | 0 | 190 | 10 | 200 |" in text
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "none")
+    assert report.soak_section() == []
