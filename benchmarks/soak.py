@@ -59,6 +59,7 @@ ABORT_AFTER_CHUNKS = (1, 3, 8)
 REQUEST_TIMEOUT_S = 300
 UMIM_COUNTERS = ("vllm_umim:merged_requests_total", "vllm_umim:prefill_merges_total", "vllm_umim:decode_merges_total",
                  "vllm_umim:raw_tokens_total", "vllm_umim:tokens_merged_away_total")
+STOCK_MALFORMED = ("negative-max-tokens", "broken-json")
 MAX_SERIES = 400  # RSS samples kept in the JSON (evenly thinned above this)
 
 
@@ -171,8 +172,8 @@ def malformed_requests(model: str, prompt: str) -> list[tuple[str, str, bytes | 
 class Load:
     """The clients' shared state: request counts by kind and outcome, and a stop flag."""
 
-    def __init__(self, server, prompts: list[str], seed: int):
-        self.server, self.prompts, self.rng = server, prompts, random.Random(seed)
+    def __init__(self, server, prompts: list[str], seed: int, stock: bool = False):
+        self.server, self.prompts, self.rng, self.stock = server, prompts, random.Random(seed), stock
         self.counts: dict[str, dict[str, int]] = {}
         self.malformed_names: dict[str, dict[str, int]] = {}
         self.stop = False
@@ -205,7 +206,10 @@ class Load:
         rng, model = self.rng, self.server.model
         prompt = rng.choice(self.prompts)
         if kind == "malformed":
-            name, path, body = rng.choice(malformed_requests(model, prompt))
+            cases = malformed_requests(model, prompt)
+            if self.stock:  # without UMIM the umim keys are ignored: only vLLM's own bad input
+                cases = [case for case in cases if case[0] in STOCK_MALFORMED]
+            name, path, body = rng.choice(cases)
             if isinstance(body, bytes):
                 response = await client.post(self.server.url + path, content=body,
                                              headers={"content-type": "application/json"})
@@ -304,13 +308,16 @@ def probe(server) -> dict:
             "umim": data["usage"].get("umim")}
 
 
-def serve_argv(rules: str, max_window: int) -> list[str]:
+def serve_argv(rules: str | None, max_window: int) -> list[str]:
     """README's ``vllm serve`` line with the operating point replaced by ``rules`` and
-    ``--umim-max-window`` added."""
+    ``--umim-max-window`` added; ``rules=None``: without the ``--umim-*`` flags (stock vLLM)."""
     from tests.server.test_readme_serve import readme_serve_command
 
     argv = readme_serve_command()
-    argv[argv.index("--umim-rules") + 1] = rules
+    at = argv.index("--umim-rules")
+    if rules is None:
+        return argv[:at] + argv[at + 2:]
+    argv[at + 1] = rules
     return [*argv, "--umim-max-window", str(max_window)]
 
 
@@ -319,7 +326,7 @@ async def run_load(server, args, prompts) -> dict:
 
     from tests.server.test_load import kv_usage, requests_in_flight
 
-    load = Load(server, prompts, args.seed)
+    load = Load(server, prompts, args.seed, stock=args.stock)
     procs = server_processes(server.process.pid)
     samples, started = [], time.monotonic()
     duration = args.minutes * 60
@@ -369,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=6, help="concurrent clients (default 6)")
     parser.add_argument("--rules", default="artifacts/smollm2-135m/max",
                         help="operating point (default the max point: prompt and decode merging)")
+    parser.add_argument("--stock", action="store_true",
+                        help="control run: the same load on README's command without the --umim-* flags (stock vLLM); "
+                             "malformed requests are then only vLLM's own (negative max_tokens, broken JSON)")
     parser.add_argument("--warmup-minutes", type=float, default=5)
     parser.add_argument("--window-minutes", type=float, default=5, help="length of the two RSS windows compared")
     parser.add_argument("--max-growth", type=float, default=0.02, help="largest RSS growth allowed (default 0.02)")
@@ -383,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_umim.server.launch import VllmServer
 
     env = {**SERVER_ENV, **{k: os.environ[k] for k in SERVER_ENV if k in os.environ}}
-    argv_serve = serve_argv(args.rules, MAX_WINDOW)
+    argv_serve = serve_argv(None if args.stock else args.rules, MAX_WINDOW)
     model = str(Path(argv_serve[2]).expanduser())
     prompts = prompts_from_corpus(seed=args.seed)
     load_before = [round(x, 2) for x in os.getloadavg()]
@@ -410,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.soak " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "serve_command": " ".join(argv_serve),  # as README writes it (the shell expands its ~)
         "env": env,
-        "settings": {"minutes": args.minutes, "clients": args.clients, "rules": args.rules, "max_window": MAX_WINDOW,
+        "settings": {"minutes": args.minutes, "clients": args.clients, "rules": None if args.stock else args.rules, "max_window": MAX_WINDOW,
                      "kind_weights": KIND_WEIGHTS, "policies": POLICIES, "sample_s": args.sample_s,
                      "warmup_minutes": args.warmup_minutes, "window_minutes": args.window_minutes,
                      "max_growth": args.max_growth, "seed": args.seed, "prompts": len(prompts),

@@ -98,14 +98,18 @@ def test_results_page_section_shows_the_verdict_and_both_tables(tmp_path, monkey
     from benchmarks import report
 
     result = judge(samples(), {**GOOD, "chat": {"200": 199, "500": 1}})
-    soak = {"command": "python -m benchmarks.soak --minutes 32", "settings": {"clients": 6, "minutes": 32, "rules": "artifacts/x/max",
+    soak = {"command": "python -m benchmarks.soak --minutes 32", "samples": samples(engine_mib=(900, 990)), "settings": {"clients": 6, "minutes": 32, "rules": "artifacts/x/max",
             "max_window": 32}, "requests_total": 1280, "cpu_count": 2, "requests": GOOD,
             "load_average": {"1m_during": {"min": 2.5, "median": 4.0, "max": 6.25}}, "verdict": result}
     (tmp_path / "soak.json").write_text(json.dumps(soak))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = "\n".join(report.soak_section())
     assert "Verdict **fail**: 1 5xx responses" in text and "5xx: 1;" in text
-    assert "| api | 400.0 | 400.0 | +0.00 % |" in text
+    assert "| UMIM | api | 400.0 | 400.0 | +0.00 % | +0.00 % |" in text
+    # engine 900 -> 990 MiB linearly over 1920 s; the late column: last 5 min (median t 1775) against the 5 before (1465)
+    engine = lambda t: 900 + 90 * t / 1920  # noqa: E731
+    assert report.late_growth(soak, "engine") == pytest.approx(engine(1775) / engine(1465) - 1)
+    assert "stock vLLM (control)" not in text
     assert "| requests | 200 | 400 | 422 | total |" in text and "| malformed | 0 | 190 | 10 | 200 |" in text
     monkeypatch.setattr(report, "RESULTS", tmp_path / "none")
     assert report.soak_section() == []
