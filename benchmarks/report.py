@@ -6,7 +6,7 @@ frontier, per-model alignment, training time.
 
 Reads ``artifacts/<model>/`` (``operating-points.json``, ``fidelity.json``, ``fidelity/*.json``,
 ``eval.json``) and ``benchmarks/results/`` (``*/throughput.json``, ``vllm-bench/summary.json``,
-``compose/rows.json``, ``training-profile.json``); nothing is measured here. Every table goes
+``compose/rows.json``, ``training-profile.json``, ``soak.json``); nothing is measured here. Every table goes
 through ``vllm_umim.bench.tables.markdown_table``. Where README.md holds the markers
 ``<!-- operating-points:start -->`` and ``<!-- operating-points:end -->``, the three-row
 operating-points table (:func:`operating_points_summary`) is written between them; between
@@ -426,6 +426,56 @@ def training_section() -> list[str]:
                             "forward / backward / optimizer %", "mean loss"], rows)]
 
 
+def late_growth(soak: dict, name: str) -> float | None:
+    """RSS growth of one process over the run's last two windows (the trend the verdict's figure hides)."""
+    from benchmarks.soak import rss_growth
+
+    samples, window = soak["samples"], soak["verdict"]["window_s"]
+    end = max((s["t"] for s in samples), default=0.0)
+    return rss_growth(samples, f"{name}_rss", end - 2 * window, window)["growth"]
+
+
+def soak_section() -> list[str]:
+    """``python -m benchmarks.soak`` (``benchmarks/results/soak.json``): memory, statuses, KV, probe;
+    the stock control run (``soak-stock.json``, ``--stock``) beside it where committed."""
+    path = RESULTS / "soak.json"
+    if not path.is_file():
+        return []
+    soak = load(path)
+    v, settings, loads = soak["verdict"], soak["settings"], soak["load_average"]["1m_during"]
+    mib, pct = "{:.1f}".format, (lambda x: "–" if x is None else f"{100 * x:+.2f} %")
+    runs = [("UMIM", soak)]
+    if (RESULTS / "soak-stock.json").is_file():
+        runs.append(("stock vLLM (control)", load(RESULTS / "soak-stock.json")))
+    rss_rows = [[run, name, mib(g["baseline_bytes"] / 2**20), mib(g["final_bytes"] / 2**20), pct(g["growth"]),
+                 pct(late_growth(data, name))] for run, data in runs for name, g in data["verdict"]["rss"].items()]
+    outcomes = sorted({o for counts in soak["requests"].values() for o in counts})
+    request_rows = [[kind, *(counts.get(o, 0) for o in outcomes), sum(counts.values())] for kind, counts in soak["requests"].items()]
+    verdict_text = "**pass**" if v["pass"] else "**fail**: " + "; ".join(v["failures"])
+    text = ["## Soak run of the server", "",
+            f"`{soak['command']}` (`benchmarks/results/soak.json`): README's `vllm serve` with "
+            f"`--umim-rules {settings['rules']} --umim-max-window {settings['max_window']}` under "
+            f"{settings['clients']} clients for {settings['minutes']:g} minutes ({soak['requests_total']} requests; "
+            f"load average {loads['min']:g}–{loads['max']:g}, median {loads['median']:g}, on {soak['cpu_count']} CPUs). "
+            f"Verdict {verdict_text}. Warm-up {v['warmup_s'] / 60:g} min; RSS growth = median of the last "
+            f"{v['window_s'] / 60:g} min against the {v['window_s'] / 60:g} min after warm-up, bound "
+            f"{100 * v['max_growth']:g} %. 5xx: {v['server_errors_5xx']}; connection errors and timeouts: "
+            f"{v['connection_errors']}; UMIM request faults: {v['umim_request_faults']:g}; KV cache drained after "
+            f"the load: {'yes' if v['kv_drained'] else 'no'}; greedy probe after = before: {'yes' if v['probe_equal'] else 'no'}."]
+    if len(runs) > 1:
+        control = runs[1][1]
+        text[-1] += (f" The control ran the same load on stock vLLM (`{control['command']}`, "
+                     f"{control['settings']['minutes']:g} minutes, {control['requests_total']} requests, malformed ones only "
+                     f"vLLM's own).")
+    return [*text, "",
+            markdown_table(["run", "process", "RSS after warm-up (MiB)", "RSS at the end (MiB)", "growth",
+                            f"growth over the last {2 * v['window_s'] / 60:g} min"], rss_rows), "",
+            markdown_table(["requests", *outcomes, "total"], request_rows), "",
+            "`abort`: streams the client dropped after 1, 3 or 8 chunks (200: the stream had begun); `malformed`: "
+            "bad `vllm_xargs` (negative, huge or too wide window, misspelt option, wrong type, unknown mode, "
+            "confidence above 1), negative `max_tokens`, broken JSON."]
+
+
 def readers_table(result: dict) -> str:
     """``vllm-umim readers``: trained designs against the unmerged model on the ceiling's windows."""
     designs = result["designs"]
@@ -470,6 +520,7 @@ def render_page(plots: bool = False) -> str:
         *(model_section(model, RESULTS / "frontier.png" if plots else None) for model in models
           if fidelity_files(model) or (ARTIFACTS / model / "eval.json").is_file()),
         training_section(),
+        soak_section(),
     ]
     return "\n\n".join("\n".join(section) for section in sections if section) + "\n"
 

@@ -80,6 +80,8 @@ def test_request_choice_reads_vllm_xargs_coercion_and_flat_options():
                          ({"min_confidence": 1.5}, "min_confidence must be"), ({"windw": 1}, "unknown merge option")]:
         with pytest.raises(ValueError, match=message):
             request_choice({"umim": bad}, config)
+    with pytest.raises(ValueError, match="unknown merge option umim_windw"):  # a misspelt flat option
+        request_choice({"umim_windw": 4}, config)
 
 
 def test_v1_model_runner_is_chosen_where_the_user_left_it_to_vllm(monkeypatch):

@@ -114,6 +114,10 @@ def request_choice(extra_args: dict, config: UmimConfig):
     there the options come flat, ``umim_window`` / ``umim_min_confidence`` beside ``umim``.
     """
     choice = extra_args.get(CONFIG_KEY, True)
+    unknown = sorted(key for key in extra_args if key.startswith(CONFIG_KEY + "_") and key not in FLAT_REQUEST_KEYS)
+    if unknown:  # a misspelt flat option would otherwise be ignored without a word
+        raise RequestChoiceError(f"vllm_xargs: unknown merge option {', '.join(unknown)} (the flat options are "
+                                 f"{', '.join(FLAT_REQUEST_KEYS)})", parameter="vllm_xargs")
     flat = {FLAT_REQUEST_KEYS[key]: extra_args.pop(key) for key in list(extra_args) if key in FLAT_REQUEST_KEYS}
     try:
         if flat:  # flat options refine what "umim" chose, unless it opted out
@@ -131,7 +135,7 @@ def _validate_params(original):
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
         extra = getattr(params, "extra_args", None)
-        if extra and (CONFIG_KEY in extra or set(extra) & set(FLAT_REQUEST_KEYS)):
+        if extra and any(key == CONFIG_KEY or key.startswith(CONFIG_KEY + "_") for key in extra):
             config = self.__dict__.get("umim_config")
             if config is None:
                 config = self.__dict__["umim_config"] = UmimConfig.from_vllm_config(self.vllm_config) or False
