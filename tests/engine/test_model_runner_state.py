@@ -68,11 +68,10 @@ def test_a_merge_drops_the_outputs_sampled_after_it():
     from vllm_umim.engine.sequence import MergeEvent
     from vllm_umim.errors import MergeStateError
 
-    runner = SimpleNamespace(_check_virtual_ids=lambda req_id, ids: None, umim_dropped_outputs=0)
+    runner = SimpleNamespace(_check_virtual_ids=lambda req_id, ids: None)
     state = request_state([1, 2], [4, 5, 6, 7, 8])
     UmimModelRunnerMixin._apply_merge(runner, state, MergeEvent("r", 3, (V + 2,), 2, raw_outputs=3))
     assert state.output_token_ids == [4, 5, 6] and state.num_tokens == 4 and state.compressed_tail() == [V + 2]
-    assert runner.umim_dropped_outputs == 2
     with pytest.raises(MergeStateError, match="holds 3 output tokens, the merge was made after 5"):
         UmimModelRunnerMixin._apply_merge(runner, state, MergeEvent("r", 3, (V + 2,), 2, raw_outputs=5))
 

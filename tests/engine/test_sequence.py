@@ -86,6 +86,7 @@ def scheduler_for(virtual_base=V):
     scheduler = object.__new__(UmimScheduler)
     scheduler.virtual_base, scheduler.hash_block_size = virtual_base, 4
     scheduler.umim_fault_switch, scheduler.pending_merges, scheduler.umim_dropped_drafts = FaultSwitch(), [], set()
+    scheduler.umim_dropped_tokens = 0
     return scheduler
 
 
@@ -105,7 +106,7 @@ def test_a_merge_at_an_inner_accepted_token_ends_the_step_there():
     assert request._all_token_ids == [1, 2, 3, 4, 5, V] and request.num_computed_tokens == 5
     (event,) = scheduler.pending_merges
     assert (event.start, event.ids, event.span_length, event.raw_outputs) == (5, (V,), 2, 7)
-    assert scheduler.umim_dropped_drafts == {"r"}
+    assert scheduler.umim_dropped_drafts == {"r"} and scheduler.umim_dropped_tokens == 1
 
 
 def test_an_inner_merge_with_a_step_count_that_does_not_add_up_is_refused():

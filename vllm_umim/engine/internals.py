@@ -270,6 +270,11 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            "For the confidence-gated requests the scheduler names, the probability of each one's sampled token "
            "under the model's own distribution (softmax of the logits as they were before the sampler edited "
            "them), computed a few rows at a time after sampling."),
+        _r("GPUModelRunner.propose_draft_token_ids", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, 'a60269aca9de',
+           "engine/model_runner.py",
+           "For the n-gram drafter, `input_batch.token_ids_cpu` and `num_tokens_no_spec` are swapped for the "
+           "rows spelled in raw tokens (`raw_token_rows`) while it runs, then restored.",
+           needles=("self.input_batch.num_tokens_no_spec,", "self.input_batch.token_ids_cpu,")),
         _r("GPUModelRunner._dummy_sampler_run", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '89f93aae52e8',
            "engine/model_runner.py",
            "vLLM's profiling run, whose peak sizes the KV cache: with fp32 logits (which the sampler edits in "
@@ -305,8 +310,9 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            needles=("start_index = self.num_tokens_no_spec[req_index]",)),
         _r("GPUModelRunner._update_states.num_output_tokens", "vllm.v1.worker.gpu_model_runner", READ, PRESENT, "",
            "engine/model_runner.py",
-           "vLLM trims a request state's outputs to the scheduler's count: how the runner drops the tokens a "
-           "merge at an inner accepted token dropped, before the merge is mirrored.",
+           "vLLM trims a request state's outputs to the scheduler's count and sets the row's length from it "
+           "(raw): for tokens dropped after a merge at an inner accepted draft this runs beside `_apply_merge`'s "
+           "own trim (`MergeEvent.raw_outputs`, the same count), and the re-written row's length replaces it.",
            anchor="GPUModelRunner._update_states", needles=(
                "elif num_output_tokens < len(req_state.output_token_ids):",
                "del req_state.output_token_ids[num_output_tokens:]")),

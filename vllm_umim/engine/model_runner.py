@@ -96,7 +96,6 @@ class UmimModelRunnerMixin:
         self.umim_id_limit = self.umim_virtual_base + len(rules)  # ids at or above it index no rule
         self.umim_fault_switch = FaultSwitch.from_env()
         self.umim_faults: dict[str, dict] = {}  # found since the last output, sent on the next one
-        self.umim_dropped_outputs = 0  # sampled tokens dropped after a merge at an inner accepted draft (tests read it)
         wrapper = install_surrogate_embedding(self.model, module, rules.padded, self.umim_virtual_base, config.table_budget_mib)
         logger.info(
             "UMIM: merge module with %d parameters installed; surrogates: %s", module.num_parameters(),
@@ -167,7 +166,6 @@ class UmimModelRunnerMixin:
             if len(req_state.output_token_ids) < raw_outputs:
                 raise MergeStateError(f"request {event.request_id}: the runner holds {len(req_state.output_token_ids)} "
                                       f"output tokens, the merge was made after {raw_outputs}")
-            self.umim_dropped_outputs += len(req_state.output_token_ids) - raw_outputs
             del req_state.output_token_ids[raw_outputs:]
         req_state.apply_merge(event.start, event.ids, event.span_length)
 

@@ -116,6 +116,7 @@ class UmimScheduler(Scheduler):
         self.pending_merges: list[MergeEvent] = []
         self.step_confidences: dict[str, float | list[float]] = {}
         self.umim_dropped_drafts: set[str] = set()  # requests whose drafts continue dropped tokens
+        self.umim_dropped_tokens = 0  # sampled tokens dropped after merges at inner accepted drafts (a count for tests)
         if self.rollback_depth > 0:
             coordinator = self.kv_cache_manager.coordinator
             coordinator.num_reprefillable_tokens = max(coordinator.num_reprefillable_tokens, self.rollback_depth)
@@ -278,6 +279,7 @@ class UmimScheduler(Scheduler):
             return False
         if later_tokens:
             self.umim_dropped_drafts.add(request.request_id)
+            self.umim_dropped_tokens += later_tokens
         # injected where it hurts most: the sequence is rewritten, the worker not yet told
         self.umim_fault_switch.check("decode", request.request_id)
         self.pending_merges.append(event)
