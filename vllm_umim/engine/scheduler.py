@@ -12,7 +12,7 @@ Selected through vLLM's ``scheduler_cls`` config. Five overrides, each small:
   ``num_computed_tokens`` to the span's start; a step's tokens one at a time, so that with vLLM's
   n-gram speculation a merge at an inner accepted token ends the step there (docs/design.md,
   "With n-gram speculation");
-* ``update_draft_token_ids``: n-gram drafts are raw tokens (a merged span's virtual id becomes its
+* ``update_draft_token_ids``: n-gram drafts are raw tokens (a virtual id left in one becomes its
   rule's tokens), none after a step a merge ended early;
 * ``schedule``: hand the step's merge events to the worker on the ``SchedulerOutput``, and say
   whether any running request needs sampled-token probabilities.
@@ -286,10 +286,11 @@ class UmimScheduler(Scheduler):
         return True
 
     def update_draft_token_ids(self, draft_token_ids) -> None:
-        """The n-gram drafter matches the runner's row, where merged spans are virtual ids: a draft
-        holding one gets the span's raw tokens instead (cut to the draft's length; an id past the
-        rule table ends the draft), so a draft is raw tokens only. A request whose step a merge
-        ended early (``_merge_newest``) gets no drafts: they continue tokens that were dropped."""
+        """Drafts are raw tokens: the runner hands the n-gram drafter its rows spelled in raw tokens
+        (``UmimModelRunnerMixin.propose_draft_token_ids``); should a draft still hold a virtual id,
+        it gets the span's raw tokens instead (cut to the draft's length; an id past the rule table
+        ends the draft). A request whose step a merge ended early (``_merge_newest``) gets no
+        drafts: they continue tokens that were dropped."""
         dropped, self.umim_dropped_drafts = self.umim_dropped_drafts, set()
         drafts = [[] if req_id in dropped else raw_draft(ids, self.umim_rules, self.virtual_base)
                   for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids)]
