@@ -21,6 +21,10 @@ def test_rows_name_stock_or_a_point_with_modifiers(points):
     stock = bench_rows.parse_row("stock+ngram+fp8", points_dir=points)
     assert (stock.umim, stock.fp8, stock.ngram, stock.base) == (None, True, True, "stock+fp8+ngram")
     assert bench_rows.parse_row("umim", umim_rules="r.bin", points_dir=points).umim == "r.bin"
+    pair = bench_rows.parse_row("max+ngram", points_dir=points)  # UMIM composes with n-gram speculation
+    assert (pair.umim, pair.fp8, pair.ngram, pair.base) == (str(points / "max"), False, True, "stock+ngram")
+    kwargs = bench_rows.row_engine_kwargs(pair, {"model": "m"})
+    assert kwargs["speculative_config"] == bench_rows.NGRAM and kwargs["additional_config"]["umim"]["rules"] == str(points / "max")
 
 
 @pytest.mark.parametrize("text,match", [
@@ -28,7 +32,6 @@ def test_rows_name_stock_or_a_point_with_modifiers(points):
     ("max+fp8+fp8", "each at most once"),
     ("fast", r"neither 'stock', 'umim', an operating point \(faithful, max\) nor a path"),
     ("umim", "needs --umim-rules"),
-    ("max+ngram", "cannot run with speculative decoding"),
 ])
 def test_bad_rows_are_refused_with_one_line(points, text, match):
     with pytest.raises(UmimError, match=match):

@@ -38,7 +38,8 @@ def fake_vllm_config(**overrides):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"speculative": object()}, "speculative decoding"),
+        ({"speculative": SimpleNamespace(method="eagle")}, "speculative decoding by 'eagle' .only n-gram speculation"),
+        ({"speculative": SimpleNamespace(method="ngram_gpu")}, "speculative decoding by 'ngram_gpu'"),
         ({"pp": 2}, "pipeline parallelism"),
         ({"async_scheduling": True}, "async scheduling"),
         ({"hybrid": True}, "hybrid or recurrent"),
@@ -48,6 +49,7 @@ def fake_vllm_config(**overrides):
 )
 def test_unsupported_setups_are_refused(override, message):
     check_vllm_config(fake_vllm_config())
+    check_vllm_config(fake_vllm_config(speculative=SimpleNamespace(method="ngram")))  # composes (docs/design.md)
     with pytest.raises(UmimError, match=message):
         check_vllm_config(fake_vllm_config(**override))
 

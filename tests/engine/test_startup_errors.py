@@ -92,14 +92,17 @@ def model_identity_of(model_dir):
     return model_identity(AutoConfig.from_pretrained(model_dir))
 
 
-def test_ngram_speculation_is_refused_in_one_line_and_fp8_kv_composes(model_dir):
-    """UMIM + n-gram speculation fails at start-up, one line naming it (benchmarks/results/compose
-    holds the numbers behind keeping it refused); UMIM + fp8 KV cache starts."""
+def test_ngram_speculation_and_fp8_kv_compose_other_drafters_are_refused_in_one_line(model_dir):
+    """UMIM + n-gram speculation and UMIM + fp8 KV cache start (the n-gram pair's output is tested
+    in ``test_ngram_speculation``); a drafter with its own state of the sequence (here vLLM's GPU
+    n-gram drafter, which needs no model to configure) fails at start-up, one line naming it."""
     apply_patches()
     umim = {"umim": {"rules": str(RULES), "module": "mean"}}
     ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-    with pytest.raises(UmimError, match="speculative decoding") as refused:
-        EngineArgs(model=model_dir, speculative_config=ngram, additional_config=umim).create_engine_config()
-    assert "\n" not in str(refused.value)
+    config = EngineArgs(model=model_dir, speculative_config=ngram, additional_config=umim).create_engine_config()
+    assert config.speculative_config.method == "ngram" and config.scheduler_config.scheduler_cls.endswith("UmimScheduler")
+    with pytest.raises(UmimError, match="speculative decoding by 'ngram_gpu'") as refused:
+        EngineArgs(model=model_dir, speculative_config={**ngram, "method": "ngram_gpu"}, additional_config=umim).create_engine_config()
+    assert "\n" not in str(refused.value) and "eagle" in str(refused.value)
     config = EngineArgs(model=model_dir, kv_cache_dtype="fp8", additional_config=umim).create_engine_config()
     assert config.cache_config.cache_dtype == "fp8" and config.scheduler_config.scheduler_cls.endswith("UmimScheduler")

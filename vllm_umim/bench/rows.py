@@ -42,8 +42,6 @@ from vllm_umim.errors import UmimError
 POINTS_DIR = Path(__file__).resolve().parents[2] / "artifacts" / "smollm2-135m"  # in a checkout
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 MODIFIERS = ("fp8", "ngram")
-SPECULATION_REFUSAL = ("UMIM cannot run with speculative decoding (draft tokens and merge rollbacks would both "
-                       "rewrite the KV tail); rows.json's stock+ngram row shows what speculation gives alone")
 STOCK = "stock"
 REFERENCE = "stock-fp32"  # the fidelity baseline: stock vLLM in fp32, untimed
 
@@ -62,8 +60,8 @@ class Row:
 
 
 def parse_row(text: str, umim_rules: str | None = None, points_dir: Path = POINTS_DIR) -> Row:
-    """``max+fp8`` -> Row. Raises UmimError naming an unknown point or modifier, or a combination
-    UMIM refuses at start-up (speculation)."""
+    """``max+fp8`` -> Row (``max+ngram``: UMIM with vLLM's n-gram speculation, which compose).
+    Raises UmimError naming an unknown point or modifier."""
     head, *modifiers = text.split("+")
     unknown = [m for m in modifiers if m not in MODIFIERS]
     if unknown or len(set(modifiers)) < len(modifiers):
@@ -81,8 +79,6 @@ def parse_row(text: str, umim_rules: str | None = None, points_dir: Path = POINT
     else:
         known = sorted(p.name for p in points_dir.glob("*/") if (p / "rules.bin").is_file()) if points_dir.is_dir() else []
         raise UmimError(f"row {text!r}: {head!r} is neither 'stock', 'umim', an operating point ({', '.join(known)}) nor a path")
-    if umim and "ngram" in modifiers:
-        raise UmimError(f"row {text!r}: {SPECULATION_REFUSAL}")
     return Row(text, umim, "fp8" in modifiers, "ngram" in modifiers)
 
 

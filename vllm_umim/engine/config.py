@@ -152,6 +152,12 @@ def virtual_base(vllm_config) -> int:
 
 
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+COMPOSABLE_SPECULATION = ("ngram",)  # vLLM's CPU-side n-gram drafter: see docs/design.md, "With n-gram speculation"
+SPECULATION_REFUSAL = (
+    "only n-gram speculation, method 'ngram', composes with merging: eagle, eagle3, medusa, mtp, draft_model, "
+    "ngram_gpu, suffix and the other drafters keep their own state of the sequence, which a merge rollback "
+    "would not reach"
+)
 KV_CONNECTOR_REFUSAL = (
     "a KV connector (--kv-transfer-config / kv_transfer_config, or --kv-offloading-size): UMIM reports each "
     "request's merge figures in kv_transfer_params, which a connector owns"
@@ -167,8 +173,10 @@ def prefer_v1_model_runner() -> None:
 def check_vllm_config(vllm_config) -> None:
     """Refuse, with one clear message, vLLM setups where a rollback cannot be honoured."""
     problems = []
-    if vllm_config.speculative_config is not None:
-        problems.append("speculative decoding (draft tokens and merge rollbacks would both rewrite the KV tail)")
+    speculative = vllm_config.speculative_config
+    method = getattr(speculative, "method", None)
+    if speculative is not None and method not in COMPOSABLE_SPECULATION:
+        problems.append(f"speculative decoding by {method!r} ({SPECULATION_REFUSAL})")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         problems.append("pipeline parallelism (later stages would not see the merged inputs)")
     if vllm_config.scheduler_config.async_scheduling:

@@ -158,7 +158,23 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            'ff6e3f664c99', "engine/scheduler.py",
            "After vLLM appended the sampled token and ran its stop checks: merge the span completed at the decode "
            "frontier (pseudocode 4) and roll `num_computed_tokens` back to the span's start. If that raises, the "
-           "request's status becomes `FINISHED_ERROR` and it stops (vLLM's own path for a grammar rejection)."),
+           "request's status becomes `FINISHED_ERROR` and it stops (vLLM's own path for a grammar rejection). "
+           "A merging request's tokens go through it one at a time; with n-gram speculation a merge at an "
+           "inner accepted token drops the tokens after it."),
+        _r("Scheduler.update_from_output.num_rejected", "vllm.v1.core.sched.scheduler", READ, PRESENT, "",
+           "engine/scheduler.py",
+           "With drafts, vLLM rolls `num_computed_tokens` back over the rejected ones before appending the "
+           "accepted tokens: a merge at an inner accepted token takes it back further, to that token.",
+           anchor="Scheduler.update_from_output", needles=(
+               "request.num_computed_tokens -= num_rejected",
+               "num_accepted = max(len(generated_token_ids) - num_sampled, 0)")),
+        _r("Scheduler.update_draft_token_ids", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, 'f05dcf1d7891',
+           "engine/scheduler.py",
+           "The n-gram drafter's proposals, before vLLM keeps them: virtual ids become their rules' raw tokens, "
+           "and a request whose step a merge ended early gets none.",
+           needles=("request.spec_token_ids = self.structured_output_manager.validate_tokens(",)),
+        _r("DraftTokenIds.draft_token_ids", "vllm.v1.outputs", READ, FIELD, "list[list[int]]", "engine/scheduler.py",
+           "The proposals per request (`req_ids`), rebuilt with raw tokens."),
         _r("Scheduler._free_request", "vllm.v1.core.sched.scheduler", OVERRIDE, SOURCE, '1b386dca84e6',
            "engine/scheduler.py",
            "Returns the request's merge figures and UMIM fault, if any, as `kv_transfer_params` (vLLM returns "
@@ -254,6 +270,11 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            "For the confidence-gated requests the scheduler names, the probability of each one's sampled token "
            "under the model's own distribution (softmax of the logits as they were before the sampler edited "
            "them), computed a few rows at a time after sampling."),
+        _r("GPUModelRunner.propose_draft_token_ids", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, 'a60269aca9de',
+           "engine/model_runner.py",
+           "For the n-gram drafter, `input_batch.token_ids_cpu` and `num_tokens_no_spec` are swapped for the "
+           "rows spelled in raw tokens (`raw_token_rows`) while it runs, then restored.",
+           needles=("self.input_batch.num_tokens_no_spec,", "self.input_batch.token_ids_cpu,")),
         _r("GPUModelRunner._dummy_sampler_run", "vllm.v1.worker.gpu_model_runner", OVERRIDE, SOURCE, '89f93aae52e8',
            "engine/model_runner.py",
            "vLLM's profiling run, whose peak sizes the KV cache: with fp32 logits (which the sampler edits in "
@@ -277,6 +298,24 @@ SECTIONS: list[tuple[str, list[Internal]]] = [
            "({request id: fault} for requests whose runner hook failed); travels pickled to the scheduler."),
         _r("SamplerOutput.sampled_token_ids", "vllm.v1.outputs", READ, FIELD, "torch.Tensor", "engine/model_runner.py",
            "The sampled ids whose probabilities `_sample` gathers."),
+        _r("SpecDecodeMetadata.cu_num_sampled_tokens", "vllm.v1.spec_decode.metadata", READ, FIELD, "torch.Tensor",
+           "engine/model_runner.py",
+           "With drafts, where each request's logits rows end (with `num_draft_tokens`): the rows whose sampled "
+           "tokens' probabilities a confidence-gated request needs (`spec_decode_logits_rows`)."),
+        _r("SpecDecodeMetadata.num_draft_tokens", "vllm.v1.spec_decode.metadata", READ, FIELD, "list[int]",
+           "engine/model_runner.py", "Drafts per request: its logits rows are one more."),
+        _r("InputBatch.update_req_spec_token_ids", "vllm.v1.worker.gpu_input_batch", READ, SOURCE, '44ebcd8666c2',
+           "engine/model_runner.py",
+           "Called again after a merged row is re-written: the step's drafts go after the row's new end.",
+           needles=("start_index = self.num_tokens_no_spec[req_index]",)),
+        _r("GPUModelRunner._update_states.num_output_tokens", "vllm.v1.worker.gpu_model_runner", READ, PRESENT, "",
+           "engine/model_runner.py",
+           "vLLM trims a request state's outputs to the scheduler's count and sets the row's length from it "
+           "(raw): for tokens dropped after a merge at an inner accepted draft this runs beside `_apply_merge`'s "
+           "own trim (`MergeEvent.raw_outputs`, the same count), and the re-written row's length replaces it.",
+           anchor="GPUModelRunner._update_states", needles=(
+               "elif num_output_tokens < len(req_state.output_token_ids):",
+               "del req_state.output_token_ids[num_output_tokens:]")),
         _r("CachedRequestData.resumed_req_ids", "vllm.v1.core.sched.output", READ, FIELD, "set[str]",
            "engine/model_runner.py", "Resumed requests' rows are re-written by vLLM from raw outputs; UMIM "
            "re-writes them compressed."),

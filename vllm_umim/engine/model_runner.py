@@ -9,11 +9,11 @@ prompt when a request is added and appends every sampled token. With UMIM the ro
 * ``_update_states``: applies the decode merges the scheduler sends on the ``SchedulerOutput``
   (the row from the span's start on = its virtual id and the raw window after it), and re-writes
   the rows of requests vLLM re-adds from their raw outputs (after preemption or a step without
-  them);
+  them); a re-written row's n-gram drafts go after its new end;
 * ``_sample`` / ``sample_tokens``: for the confidence-gated requests the scheduler names, send back
   the probability of each one's sampled token under the model's own distribution, on the
   ``ModelRunnerOutput`` as ``umim_confidences`` (computed ``CONFIDENCE_CHUNK_ROWS`` rows at a time,
-  see ``sampled_token_probabilities``);
+  see ``sampled_token_probabilities``; with n-gram drafts, a list: one per sampled token);
 * ``_dummy_sampler_run``: with fp32 logits, vLLM's profiling run also holds the logits rows that
   ``_sample`` keeps through the sampler;
 * ``_get_prompt_logprobs_dict``: prompt logprobs of a merged prompt, a merged span's row marked
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
@@ -91,6 +92,7 @@ class UmimModelRunnerMixin:
         self.umim_virtual_base = virtual_base(self.vllm_config)
         rules, module = load_checked_files(config, self.umim_virtual_base, "worker", hf_config=self.model_config.hf_config)
         self.umim_rule_table = rules.padded.long()
+        self.umim_rule_table_np = rules.padded.cpu().numpy().astype(np.int64)  # the n-gram drafter's raw view
         self.umim_id_limit = self.umim_virtual_base + len(rules)  # ids at or above it index no rule
         self.umim_fault_switch = FaultSwitch.from_env()
         self.umim_faults: dict[str, dict] = {}  # found since the last output, sent on the next one
@@ -130,7 +132,8 @@ class UmimModelRunnerMixin:
             if req_id in self.umim_faults:
                 continue
             if req_state.first_merge is not None and (req_id in rewritten or req_id not in kept_rows):
-                self._guarded(req_id, self._write_row, row, req_state)
+                if self._guarded(req_id, self._write_row, row, req_state):  # the row's length changed: drafts after it
+                    self.input_batch.update_req_spec_token_ids(req_state, scheduler_output.scheduled_spec_decode_tokens)
         return result
 
     def _guarded(self, req_id: str, hook, *args) -> bool:
@@ -158,7 +161,32 @@ class UmimModelRunnerMixin:
 
     def _apply_merge(self, req_state: UmimRequestState, event) -> None:
         self._check_virtual_ids(event.request_id, event.ids)
+        raw_outputs = getattr(event, "raw_outputs", None)
+        if raw_outputs is not None:  # tokens sampled after the merging one (n-gram speculation) are dropped
+            if len(req_state.output_token_ids) < raw_outputs:
+                raise MergeStateError(f"request {event.request_id}: the runner holds {len(req_state.output_token_ids)} "
+                                      f"output tokens, the merge was made after {raw_outputs}")
+            del req_state.output_token_ids[raw_outputs:]
         req_state.apply_merge(event.start, event.ids, event.span_length)
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, *args, **kwargs):
+        """vLLM's n-gram drafter reads the token rows, where merged spans are virtual ids: it gets the
+        rows spelled in raw tokens instead (``raw_token_rows``), so it matches and proposes raw text
+        whether or not a span was merged (the newest tokens are raw until a merge, older ones merged)."""
+        spec_config = self.speculative_config
+        batch = self.input_batch
+        raw = None
+        if spec_config is not None and spec_config.method == "ngram" and getattr(self, "umim_rule_table", None) is not None:
+            raw = raw_token_rows(batch.token_ids_cpu, batch.num_tokens_no_spec, batch.num_reqs, self.umim_virtual_base,
+                                 self.umim_rule_table_np)
+        if raw is None:
+            return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        rows, counts = batch.token_ids_cpu, batch.num_tokens_no_spec
+        batch.token_ids_cpu, batch.num_tokens_no_spec = raw
+        try:
+            return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *args, **kwargs)
+        finally:
+            batch.token_ids_cpu, batch.num_tokens_no_spec = rows, counts
 
     def _sample(self, logits, spec_decode_metadata):
         rows = None
@@ -169,9 +197,18 @@ class UmimModelRunnerMixin:
             rows = torch.tensor([index[r] for r in req_ids], dtype=torch.long, device=logits.device)
         # The sampler edits fp32 logits in place (temperature, penalties); other dtypes it copies to fp32
         # first. Only the gated rows' logits are kept, and only where the sampler would change them.
+        batch_rows = rows
+        if rows is not None and spec_decode_metadata is not None:  # a request's logits: one row per sampled token
+            rows, counts = spec_decode_logits_rows(spec_decode_metadata, batch_rows.tolist())
+            rows = rows.to(logits.device)
         source = logits.index_select(0, rows) if rows is not None and logits.dtype == torch.float32 else logits
         sampler_output = super()._sample(logits, spec_decode_metadata)
-        if rows is not None:
+        if rows is not None and spec_decode_metadata is not None:
+            tokens = sampler_output.sampled_token_ids.long().index_select(0, batch_rows)
+            sampled = torch.cat([tokens[i, :n] for i, n in enumerate(counts)]).clamp(min=0)  # -1: rejected, unread
+            confidences = iter(sampled_token_probabilities(source, rows if source is logits else None, sampled).tolist())
+            self.umim_step_confidences = {r: [next(confidences) for _ in range(n)] for r, n in zip(req_ids, counts)}
+        elif rows is not None:
             sampled = sampler_output.sampled_token_ids[:, 0].long().index_select(0, rows)
             confidences = sampled_token_probabilities(source, rows if source is logits else None, sampled).tolist()
             self.umim_step_confidences = dict(zip(req_ids, confidences))
@@ -254,6 +291,50 @@ def sampled_token_probabilities(logits: torch.Tensor, rows: torch.Tensor | None,
         out[start:end] = probs.gather(1, sampled[start:end, None])[:, 0]
         del block, probs
     return out
+
+
+def raw_token_rows(token_ids: np.ndarray, num_tokens: np.ndarray, num_reqs: int, virtual_base: int,
+                   rule_table: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first ``num_reqs`` token rows with every virtual id spelled as its rule's tokens (-1
+    padded ``rule_table`` [R, 4]), as new arrays of the same dtypes (rows, lengths); None if no row
+    holds a virtual id. An id past the table (a row the runner reported failed) becomes nothing."""
+    lengths = num_tokens[:num_reqs]
+    virtual_rows = [i for i in range(num_reqs) if (token_ids[i, : lengths[i]] >= virtual_base).any()]
+    if not virtual_rows:
+        return None
+    spelled = {}
+    for i in virtual_rows:
+        ids = token_ids[i, : lengths[i]].astype(np.int64)
+        slots = np.full((len(ids), rule_table.shape[1]), -1, dtype=np.int64)
+        plain = ids < virtual_base
+        slots[plain, 0] = ids[plain]
+        rule_ids = ids[~plain] - virtual_base
+        known = rule_ids < len(rule_table)
+        spans = np.full((len(rule_ids), rule_table.shape[1]), -1, dtype=np.int64)
+        spans[known] = rule_table[rule_ids[known]]
+        slots[~plain] = spans
+        spelled[i] = slots[slots >= 0]
+    width = max([int(lengths.max(initial=0)), *(len(raw) for raw in spelled.values())])
+    rows = np.zeros((num_reqs, width), dtype=token_ids.dtype)
+    new_lengths = np.array(lengths, dtype=num_tokens.dtype)
+    for i in range(num_reqs):
+        raw = spelled.get(i)
+        if raw is None:
+            rows[i, : lengths[i]] = token_ids[i, : lengths[i]]
+        else:
+            rows[i, : len(raw)] = raw
+            new_lengths[i] = len(raw)
+    return rows, new_lengths
+
+
+def spec_decode_logits_rows(metadata, batch_rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """With drafts, the step's logits hold, per request in batch order, one row per draft and one
+    for the token after them (vLLM's ``SpecDecodeMetadata``). For the requests at ``batch_rows``:
+    their logits rows, concatenated, and how many each has (its column count in the sampled ids)."""
+    ends = metadata.cu_num_sampled_tokens.tolist()
+    counts = [metadata.num_draft_tokens[b] + 1 for b in batch_rows]
+    rows = [row for b, n in zip(batch_rows, counts) for row in range(ends[b] - n, ends[b])]
+    return torch.tensor(rows, dtype=torch.long), counts
 
 
 def raw_prompt_token_ids(input_batch, rule_table: torch.Tensor) -> torch.Tensor:

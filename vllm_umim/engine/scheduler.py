@@ -1,6 +1,6 @@
 """UmimScheduler: vLLM's Scheduler with prompt merging at admission and decode merging after sampling.
 
-Selected through vLLM's ``scheduler_cls`` config. Four overrides, each small:
+Selected through vLLM's ``scheduler_cls`` config. Five overrides, each small:
 
 * ``add_request``: pick the request's merge policy (engine settings, or its own in
   ``extra_args["umim"]``) and compress the prompt (the policy's prefill segmentation,
@@ -9,7 +9,11 @@ Selected through vLLM's ``scheduler_cls`` config. Four overrides, each small:
   read by a confidence-gated policy);
 * ``_update_request_with_output``: after a sampled token is appended and stop checks ran, merge
   the span completed at the policy's decode frontier (pseudocode 4), rolling back
-  ``num_computed_tokens`` to the span's start;
+  ``num_computed_tokens`` to the span's start; a step's tokens one at a time, so that with vLLM's
+  n-gram speculation a merge at an inner accepted token ends the step there (docs/design.md,
+  "With n-gram speculation");
+* ``update_draft_token_ids``: n-gram drafts are raw tokens (a virtual id left in one becomes its
+  rule's tokens), none after a step a merge ended early;
 * ``schedule``: hand the step's merge events to the worker on the ``SchedulerOutput``, and say
   whether any running request needs sampled-token probabilities.
 
@@ -30,6 +34,7 @@ from collections import OrderedDict
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.outputs import DraftTokenIds
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_umim.engine.assets import load_checked_files
@@ -76,6 +81,29 @@ def requested_settings(request: Request, config: UmimConfig) -> MergeSettings | 
         return None
 
 
+def token_confidence(confidence: float | list[float], index: int) -> float:
+    """The probability of a step's ``index``-th sampled token, from what the worker sent: one
+    number (a step without drafts) or one per sampled token (with n-gram speculation)."""
+    if isinstance(confidence, list):
+        return confidence[index] if index < len(confidence) else float("nan")
+    return confidence if index == 0 else float("nan")
+
+
+def raw_draft(draft: list[int], rules, virtual_base: int) -> list[int]:
+    """``draft`` with each virtual id replaced by its rule's raw tokens, at most ``len(draft)`` long."""
+    if all(token < virtual_base for token in draft):
+        return draft
+    raw = []
+    for token in draft:
+        if token < virtual_base:
+            raw.append(token)
+        elif token - virtual_base < len(rules):
+            raw.extend(rules.tokens_of(token - virtual_base))
+        else:
+            break
+    return raw[: len(draft)]
+
+
 class UmimScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs):
         super().__init__(vllm_config, *args, **kwargs)
@@ -86,7 +114,9 @@ class UmimScheduler(Scheduler):
         self.umim_gated: set[str] = set()  # live requests whose policy reads sampled-token probabilities
         self.umim_fault_switch = FaultSwitch.from_env()
         self.pending_merges: list[MergeEvent] = []
-        self.step_confidences: dict[str, float] = {}
+        self.step_confidences: dict[str, float | list[float]] = {}
+        self.umim_dropped_drafts: set[str] = set()  # requests whose drafts continue dropped tokens
+        self.umim_dropped_tokens = 0  # sampled tokens dropped after merges at inner accepted drafts (a count for tests)
         if self.rollback_depth > 0:
             coordinator = self.kv_cache_manager.coordinator
             coordinator.num_reprefillable_tokens = max(coordinator.num_reprefillable_tokens, self.rollback_depth)
@@ -209,29 +239,66 @@ class UmimScheduler(Scheduler):
                     output.kv_transfer_params = self._final_params(request)
 
     def _update_request_with_output(self, request: Request, new_token_ids: list[int], is_stale: bool = False):
-        new_token_ids, stopped = super()._update_request_with_output(request, new_token_ids, is_stale)
         state: MergeState | None = getattr(request, "umim", None)
-        if state is None or not new_token_ids:
-            return new_token_ids, stopped
-        try:
-            if state.policy.needs_confidence:  # missing (e.g. a worker that did not send it): unknown
-                confidence = self.step_confidences.get(request.request_id, float("nan"))
-                state.output_confidences += [confidence] * len(new_token_ids)
-            if state.dynamic and not stopped:
-                event = merge_newest(request, self.virtual_base, self.hash_block_size)
-                if event is not None:
-                    # injected where it hurts most: the sequence is rewritten, the worker not yet told
-                    self.umim_fault_switch.check("decode", request.request_id)
-                    self.pending_merges.append(event)
-        except Exception as e:  # the sequence may be half-way through a merge: end this request only
-            self._record_fault(request, "decode", e)
-            request.status = RequestStatus.FINISHED_ERROR
-            request.resumable = False
-            stopped = True
-        return new_token_ids, stopped
+        if state is None or not new_token_ids or not (state.dynamic or state.policy.needs_confidence):
+            return super()._update_request_with_output(request, new_token_ids, is_stale)
+        # One token at a time, as the reference decodes: with n-gram speculation a step brings the
+        # accepted drafts and one more token, and a merge at an inner one ends the step there.
+        kept, stopped = [], False
+        confidence = self.step_confidences.get(request.request_id, float("nan"))
+        for index, token in enumerate(new_token_ids):
+            appended, stopped = super()._update_request_with_output(request, [token], is_stale)
+            kept += appended
+            try:
+                if state.policy.needs_confidence:  # missing (e.g. a worker that did not send it): unknown
+                    state.output_confidences.append(token_confidence(confidence, index))
+                if state.dynamic and not stopped and self._merge_newest(request, len(new_token_ids) - 1 - index):
+                    break
+            except Exception as e:  # the sequence may be half-way through a merge: end this request only
+                self._record_fault(request, "decode", e)
+                request.status = RequestStatus.FINISHED_ERROR
+                request.resumable = False
+                stopped = True
+            if stopped:
+                break
+        return kept, stopped
+
+    def _merge_newest(self, request: Request, later_tokens: int) -> bool:
+        """Merge the span completed by the request's newest token, if its policy does (pseudocode 4).
+
+        ``later_tokens``: tokens this step sampled after the newest (accepted drafts and the one
+        sampled after them). They were sampled without this merge, so on a merge they are dropped,
+        as rejected drafts are: the step is taken back to this token (vLLM counted their positions
+        computed) before the merge rolls back to the span's start, and the drafts the runner
+        proposed after them are not scheduled. Returns whether a merge was made."""
+        computed = request.num_computed_tokens
+        request.num_computed_tokens = computed - later_tokens  # as if the step had ended at this token
+        event = merge_newest(request, self.virtual_base, self.hash_block_size)
+        if event is None:
+            request.num_computed_tokens = computed
+            return False
+        if later_tokens:
+            self.umim_dropped_drafts.add(request.request_id)
+            self.umim_dropped_tokens += later_tokens
+        # injected where it hurts most: the sequence is rewritten, the worker not yet told
+        self.umim_fault_switch.check("decode", request.request_id)
+        self.pending_merges.append(event)
+        return True
+
+    def update_draft_token_ids(self, draft_token_ids) -> None:
+        """Drafts are raw tokens: the runner hands the n-gram drafter its rows spelled in raw tokens
+        (``UmimModelRunnerMixin.propose_draft_token_ids``); should a draft still hold a virtual id,
+        it gets the span's raw tokens instead (cut to the draft's length; an id past the rule table
+        ends the draft). A request whose step a merge ended early (``_merge_newest``) gets no
+        drafts: they continue tokens that were dropped."""
+        dropped, self.umim_dropped_drafts = self.umim_dropped_drafts, set()
+        drafts = [[] if req_id in dropped else raw_draft(ids, self.umim_rules, self.virtual_base)
+                  for req_id, ids in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids)]
+        super().update_draft_token_ids(DraftTokenIds(draft_token_ids.req_ids, drafts))
 
     # ---- the worker mirrors the merges ---------------------------------------------------------
     def schedule(self, *args, **kwargs):
+        self.umim_dropped_drafts.clear()  # read by update_draft_token_ids, which ran before this step (if at all)
         scheduler_output = super().schedule(*args, **kwargs)
         scheduler_output.umim_merges, self.pending_merges = self.pending_merges, []
         gated = self.umim_gated  # no per-request scan without one

@@ -53,12 +53,15 @@ class MergeState:
 class MergeEvent:
     """A decode-time merge the worker must mirror: from compressed index ``start`` on, the
     request's sequence is now ``ids`` (the span's virtual id, then the raw window after it);
-    ``span_length`` raw tokens became one position."""
+    ``span_length`` raw tokens became one position. ``raw_outputs``: the request's raw output
+    tokens at the merge; the worker's copy may hold more (tokens a step sampled after the merging
+    one, dropped with n-gram speculation), which it drops too."""
 
     request_id: str
     start: int
     ids: tuple[int, ...]
     span_length: int
+    raw_outputs: int | None = None
 
 
 def compress_tokens(token_ids: list[int], policy: MergePolicy, virtual_base: int) -> tuple[list[int], int]:
@@ -93,7 +96,7 @@ def merge_newest(request, virtual_base: int, hash_block_size: int) -> MergeEvent
     request.update_block_hashes()
     state.decode_merges += 1
     state.decode_tokens_merged_away += merge.length - 1
-    return MergeEvent(request.request_id, merge.start, ids, merge.length)
+    return MergeEvent(request.request_id, merge.start, ids, merge.length, request.num_output_tokens)
 
 
 def check_decode_merge(request, merge, virtual_base: int) -> None:
