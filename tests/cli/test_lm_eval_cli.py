@@ -23,6 +23,9 @@ def test_systems_tasks_and_limits():
     assert config.systems[2].umim == {"rules": POINT} and config.systems[3].umim["window"] == 8
     assert config.tasks == ("arc_easy", "gsm8k") and config.task_limit("arc_easy") == 200 and config.task_limit("gsm8k") == 100
     assert config.enforce_eager and [s.name for s in cli.build_config(_parse(["--no-bf16"])).systems] == ["stock-fp32"]
+    assert config.engine_args == {} and config.kl_top_k == 0
+    config = cli.build_config(_parse(["--gpu-memory-utilization", "0.3", "--kl-top-k", "20"]))
+    assert config.engine_args == {"gpu_memory_utilization": 0.3} and config.kl_top_k == 20
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the engines (default: eager, faster to start)")
     p.add_argument("--loglikelihood-window", type=int, default=LOGLIKELIHOOD_WINDOW,
                    help="longest scored continuation a UMIM engine keeps raw; longer ones are served unmerged and counted")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="vLLM's share of memory an engine may hold (on CPU too); lower it where other engines run beside "
+                        "(vLLM's CPU worker refuses to start when less than that share is free)")
     p.add_argument("--kl-top-k", type=int, default=0, metavar="K",
                    help="also the per-token KL to stock fp32 on the scored continuations, from top-K prompt logprobs "
                         "(at most the engine's max_logprobs, 20; 0: off)")
@@ -77,7 +80,9 @@ def build_config(args):
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     return LmEvalConfig(model=args.model, output_dir=args.output_dir, systems=systems, tasks=tasks, limit=args.limit,
                         limits=limits, max_model_len=args.max_model_len, enforce_eager=not args.compile,
-                        loglikelihood_window=args.loglikelihood_window, kl_top_k=args.kl_top_k)
+                        loglikelihood_window=args.loglikelihood_window, kl_top_k=args.kl_top_k,
+                        engine_args={} if args.gpu_memory_utilization is None else
+                        {"gpu_memory_utilization": args.gpu_memory_utilization})
 
 
 def run(args) -> None:
