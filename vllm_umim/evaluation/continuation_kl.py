@@ -16,6 +16,7 @@ close to the top-k KL and never silently drops tokens.
 
 from __future__ import annotations
 
+import io
 import math
 import zipfile
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_umim.errors import UmimError
+from vllm_umim.evaluation.paired import Z95
 from vllm_umim.files import write_bytes_atomic
 
 FLOOR = 1e-12  # probability floor for the rest bucket
@@ -82,8 +84,6 @@ class RowCollector:
 
 
 def save_rows(rows: ContinuationRows, path: Path) -> None:
-    import io
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **asdict(rows))
     write_bytes_atomic(buffer.getvalue(), path)
@@ -146,7 +146,7 @@ def compare(rows: ContinuationRows, reference: ContinuationRows) -> dict:
         item_kls.append(float(np.mean(kls)) if kls else 0.0)
     n = len(item_kls)
     mean = float(np.mean(item_kls)) if n else float("nan")
-    half = 1.96 * float(np.std(item_kls, ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    half = Z95 * float(np.std(item_kls, ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
     return {"items": n, "tokens": tokens, "kl_mean": mean, "kl_low": mean - half, "kl_high": mean + half,
             "top1_agreement": agree / tokens if tokens else float("nan"),
             "imputed_mass": imputed / tokens if tokens else float("nan"), "items_mismatched": mismatched}

@@ -180,9 +180,10 @@ def umim_vllm_class():
             doc_ids = self._doc_ids if len(self._doc_ids) == len(requests) else [-1] * len(requests)
             for (cache_key, _, _), tokens, scored, output, doc_id in zip(requests, prompts, lengths, outputs, doc_ids, strict=True):
                 self._count(output, len(tokens))
-                answer = continuation_logprob(tokens[len(tokens) - scored :], output.prompt_logprobs)
+                continuation = tokens[len(tokens) - scored :]
+                answer = continuation_logprob(continuation, output.prompt_logprobs)
                 if self.kl_rows is not None:
-                    self.kl_rows.add(doc_id, tokens[len(tokens) - scored :], output.prompt_logprobs)
+                    self.kl_rows.add(doc_id, continuation, output.prompt_logprobs)
                 results.append(answer)
                 if cache_key is not None:
                     self.cache_hook.add_partial("loglikelihood", cache_key, answer)
@@ -358,6 +359,8 @@ def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]
         row = {"task": task, "metric": metric, "systems": {}}
         reference = records.get(REFERENCE)
         ref_scores = dict(zip(reference["doc_ids"], reference["scores"][metric])) if reference else None
+        reference_rows = load_rows(rows_path(output_dir, REFERENCE, task)) if reference and \
+            rows_path(output_dir, REFERENCE, task).is_file() else None  # read once per task, compared with each system
         for system, record in records.items():
             scores = record["scores"][metric]
             entry = {"accuracy": accuracy_interval(scores).to_dict(), "merge": _merge_figures(record["merge"]), "limit": record["spec"].get("limit"),
@@ -372,10 +375,8 @@ def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]
                     mine, ref = dict(zip(record["doc_ids"], record["scores"][name])), dict(zip(reference["doc_ids"], reference["scores"][name]))
                     key = "paired_vs_reference" if name == metric else f"paired_vs_reference_{name}"
                     entry[key] = paired_difference([mine[d] for d in shared], [ref[d] for d in shared]).to_dict()
-            if reference is not None and system != REFERENCE and rows_path(output_dir, system, task).is_file() \
-                    and rows_path(output_dir, REFERENCE, task).is_file():
-                entry["continuation_kl"] = compare(load_rows(rows_path(output_dir, system, task)),
-                                                   load_rows(rows_path(output_dir, REFERENCE, task)))
+            if reference_rows is not None and system != REFERENCE and rows_path(output_dir, system, task).is_file():
+                entry["continuation_kl"] = compare(load_rows(rows_path(output_dir, system, task)), reference_rows)
             row["systems"][system] = entry
         table.append(row)
     return {"format": FORMAT_VERSION, "reference": REFERENCE, "systems": systems, "tasks": table}
