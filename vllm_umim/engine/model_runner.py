@@ -46,6 +46,7 @@ from vllm_umim.engine.config import UmimConfig, virtual_base
 from vllm_umim.engine.embedding import install_surrogate_embedding
 from vllm_umim.engine.faults import FaultSwitch, describe
 from vllm_umim.errors import MergeStateError
+from vllm_umim.rules import spell_raw
 
 logger = init_logger(__name__)
 CONFIDENCE_CHUNK_ROWS = 16  # rows per full-vocabulary fp32 softmax when computing sampled-token probabilities
@@ -302,18 +303,7 @@ def raw_token_rows(token_ids: np.ndarray, num_tokens: np.ndarray, num_reqs: int,
     virtual_rows = [i for i in range(num_reqs) if (token_ids[i, : lengths[i]] >= virtual_base).any()]
     if not virtual_rows:
         return None
-    spelled = {}
-    for i in virtual_rows:
-        ids = token_ids[i, : lengths[i]].astype(np.int64)
-        slots = np.full((len(ids), rule_table.shape[1]), -1, dtype=np.int64)
-        plain = ids < virtual_base
-        slots[plain, 0] = ids[plain]
-        rule_ids = ids[~plain] - virtual_base
-        known = rule_ids < len(rule_table)
-        spans = np.full((len(rule_ids), rule_table.shape[1]), -1, dtype=np.int64)
-        spans[known] = rule_table[rule_ids[known]]
-        slots[~plain] = spans
-        spelled[i] = slots[slots >= 0]
+    spelled = {i: spell_raw(token_ids[i, : lengths[i]], virtual_base, rule_table) for i in virtual_rows}
     width = max([int(lengths.max(initial=0)), *(len(raw) for raw in spelled.values())])
     rows = np.zeros((num_reqs, width), dtype=token_ids.dtype)
     new_lengths = np.array(lengths, dtype=num_tokens.dtype)

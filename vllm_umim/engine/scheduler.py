@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
+
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
@@ -44,6 +46,7 @@ from vllm_umim.engine.sequence import MergeEvent, MergeState, compress_tokens, m
 from vllm_umim.engine.stats import STATS_KEY
 from vllm_umim.errors import UmimError
 from vllm_umim.policies import MergePolicy, MergeSettings
+from vllm_umim.rules import spell_raw
 
 logger = init_logger(__name__)
 POLICY_CACHE_SIZE = 64  # merge policies kept per engine (least recently used evicted; each is a few small objects)
@@ -93,15 +96,9 @@ def raw_draft(draft: list[int], rules, virtual_base: int) -> list[int]:
     """``draft`` with each virtual id replaced by its rule's raw tokens, at most ``len(draft)`` long."""
     if all(token < virtual_base for token in draft):
         return draft
-    raw = []
-    for token in draft:
-        if token < virtual_base:
-            raw.append(token)
-        elif token - virtual_base < len(rules):
-            raw.extend(rules.tokens_of(token - virtual_base))
-        else:
-            break
-    return raw[: len(draft)]
+    ends = [i for i, token in enumerate(draft) if token - virtual_base >= len(rules)]  # past the table: the draft ends
+    known = draft[: ends[0]] if ends else draft
+    return spell_raw(np.array(known), virtual_base, rules.padded.numpy())[: len(draft)].tolist()
 
 
 class UmimScheduler(Scheduler):

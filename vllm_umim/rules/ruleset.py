@@ -42,6 +42,22 @@ def harm_problem(harm: np.ndarray, counts: np.ndarray) -> str | None:
     return None
 
 
+def spell_raw(ids: np.ndarray, virtual_base: int, table: np.ndarray) -> np.ndarray:
+    """``ids`` (raw tokens and virtual ids ``virtual_base + rule id``, §3.2) with every virtual id
+    spelled as its rule's tokens from ``table`` (the -1-padded [R, 4] ``RuleSet.padded``): int64.
+    A virtual id past the table spells nothing (only a row the engine reported failed holds one)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    slots = np.full((len(ids), table.shape[1]), -1, dtype=np.int64)
+    plain = ids < virtual_base
+    slots[plain, 0] = ids[plain]
+    rule_ids = ids[~plain] - virtual_base
+    known = rule_ids < len(table)
+    spans = np.full((len(rule_ids), table.shape[1]), -1, dtype=np.int64)
+    spans[known] = table[rule_ids[known]]
+    slots[~plain] = spans
+    return slots[slots >= 0]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 over the tokenizer's (token, id) vocabulary, sorted by id: 16 hex digits."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
