@@ -113,6 +113,30 @@ def reference_for(reference_runtimes, hf_model, rules):
     return lambda settings: ReferenceRuntime(hf_model, rules, module, dynamic=settings.dynamic, policy=settings.build(rules))
 
 
+@pytest.fixture(scope="package")
+def reference_outputs(reference_for, hf_model, tokenizer):
+    """``reference_outputs(settings, prompts, max_tokens)``: the reference runtime's greedy outputs
+    for ``prompts`` under ``MergeSettings`` (None: plain HF decoding, no merging). Each (settings,
+    prompt, max_tokens) is generated once per run: the tests of several engines check the same
+    prompts against the same oracle, and the reference (one prompt at a time) is their slow part."""
+    from vllm_umim.reference import ReferenceRuntime
+    from vllm_umim.rules import RuleSet
+
+    runtimes = {None: ReferenceRuntime(hf_model, RuleSet("", 0, 0, {}, {}), None)}
+    found = {}
+
+    def outputs(settings, prompts, max_tokens: int) -> list:
+        if settings not in runtimes:
+            runtimes[settings] = reference_for(settings)
+        for prompt in prompts:
+            key = (settings, tuple(prompt), max_tokens)
+            if key not in found:
+                found[key] = runtimes[settings].generate(prompt, max_tokens, eos_token_ids=(tokenizer.eos_token_id,))
+        return [found[(settings, tuple(prompt), max_tokens)] for prompt in prompts]
+
+    return outputs
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -12,8 +12,6 @@ from vllm import SamplingParams
 
 from tests.engine.conftest import first_difference, token_prompts
 from vllm_umim import merge_stats
-from vllm_umim.reference import ReferenceRuntime
-from vllm_umim.rules import RuleSet
 
 pytestmark = pytest.mark.slow
 
@@ -58,11 +56,12 @@ def merges_match_reference(outputs, references, ties) -> dict:
 
 
 @pytest.mark.parametrize("mode", ["prompt", "dynamic"])
-def test_engine_equals_reference(umim_llm, reference_runtimes, heldout_prompts, tokenizer, mode):
+def test_engine_equals_reference(umim_llm, reference_outputs, heldout_prompts, mode):
+    from vllm_umim.policies import MergeSettings
+
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": mode})
     outputs = umim_llm.generate(token_prompts(heldout_prompts), params, use_tqdm=False)
-    runtime = reference_runtimes[mode]
-    references = [runtime.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in heldout_prompts]
+    references = reference_outputs(MergeSettings(mode=mode), heldout_prompts, MAX_TOKENS)
     exact, ties = compare(outputs, references, heldout_prompts)
     assert exact >= 50
     merges = merges_match_reference(outputs, references, ties)
@@ -90,7 +89,7 @@ POLICIES = [  # (name, per-request settings): each policy of vllm_umim.policies,
 
 
 @pytest.mark.parametrize("name,options", POLICIES, ids=[name for name, _ in POLICIES])
-def test_engine_equals_reference_per_policy(umim_llm, reference_for, heldout_prompts, tokenizer, name, options):
+def test_engine_equals_reference_per_policy(umim_llm, reference_outputs, heldout_prompts, name, options):
     """Each merge policy, chosen per request, decides in the engine exactly as in the reference:
     same tokens, same merges (the window's rollback and recompute, the gate's probabilities)."""
     from vllm_umim.policies import MergeSettings
@@ -98,8 +97,7 @@ def test_engine_equals_reference_per_policy(umim_llm, reference_for, heldout_pro
     prompts = heldout_prompts[:POLICY_PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": dict(options)})
     outputs = umim_llm.generate(token_prompts(prompts), params, use_tqdm=False)
-    runtime = reference_for(MergeSettings(**options))
-    references = [runtime.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in prompts]
+    references = reference_outputs(MergeSettings(**options), prompts, MAX_TOKENS)
     exact, ties = compare(outputs, references, prompts)
     assert exact >= POLICY_PROMPTS - 2
     merges = merges_match_reference(outputs, references, ties)
@@ -107,9 +105,8 @@ def test_engine_equals_reference_per_policy(umim_llm, reference_for, heldout_pro
     assert merges["prefill"] > 0 and (merges["decode"] > 0) == (options["mode"] == "dynamic")
 
 
-def test_stock_vllm_equals_plain_hf(stock_llm, hf_model, heldout_prompts, tokenizer):
+def test_stock_vllm_equals_plain_hf(stock_llm, reference_outputs, heldout_prompts):
     """The baseline the tie rule rests on: without merging, vLLM and HF agree up to near-ties."""
-    plain = ReferenceRuntime(hf_model, RuleSet("", 0, 0, {}, {}), None)
     outputs = stock_llm.generate(token_prompts(heldout_prompts), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    references = [plain.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in heldout_prompts]
+    references = reference_outputs(None, heldout_prompts, MAX_TOKENS)
     compare(outputs, references, heldout_prompts)

@@ -16,8 +16,6 @@ from tests.engine.conftest import ENGINE_ARGS, MAX_WINDOW, RULES, module_for_tes
 from tests.engine.test_engine_matches_reference import compare, merges_match_reference
 from vllm_umim import merge_stats
 from vllm_umim.bench.rows import NGRAM
-from vllm_umim.reference import ReferenceRuntime
-from vllm_umim.rules import RuleSet
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +70,7 @@ POLICIES = [
 
 
 @pytest.mark.parametrize("name,choice", POLICIES, ids=[name for name, _ in POLICIES])
-def test_ngram_speculation_equals_reference(ngram_llm, reference_for, prompts, tokenizer, name, choice):
+def test_ngram_speculation_equals_reference(ngram_llm, reference_outputs, prompts, name, choice):
     from vllm_umim.policies import MergeSettings
 
     settings = MergeSettings(mode=choice) if isinstance(choice, str) else MergeSettings(**choice)
@@ -80,8 +78,7 @@ def test_ngram_speculation_equals_reference(ngram_llm, reference_for, prompts, t
     dropped = dropped_tokens(ngram_llm)
     outputs = ngram_llm.generate(token_prompts(prompts), params, use_tqdm=False)
     dropped = dropped_tokens(ngram_llm) - dropped
-    runtime = reference_for(settings)
-    references = [runtime.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in prompts]
+    references = reference_outputs(settings, prompts, MAX_TOKENS)
     exact, ties = compare(outputs, references, prompts)
     assert exact >= len(prompts) - 2
     merges = merges_match_reference(outputs, references, ties)
@@ -99,13 +96,12 @@ def test_ngram_speculation_equals_reference(ngram_llm, reference_for, prompts, t
         assert dropped > 0
 
 
-def test_opted_out_request_is_stock(ngram_llm, hf_model, prompts, tokenizer):
+def test_opted_out_request_is_stock(ngram_llm, reference_outputs, prompts):
     """``umim: False`` on the UMIM + n-gram engine: stock vLLM with n-gram speculation, which (greedy)
     is plain HF decoding up to near-ties."""
-    plain = ReferenceRuntime(hf_model, RuleSet("", 0, 0, {}, {}), None)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": False})
     outputs = ngram_llm.generate(token_prompts(prompts), params, use_tqdm=False)
     assert all(merge_stats(o) is None for o in outputs)
-    references = [plain.generate(p, MAX_TOKENS, eos_token_ids=(tokenizer.eos_token_id,)) for p in prompts]
+    references = reference_outputs(None, prompts, MAX_TOKENS)
     exact, _ = compare(outputs, references, prompts)
     assert exact >= len(prompts) - 2 and sum(accepted_drafts(o) for o in outputs) > 0
