@@ -5,7 +5,9 @@ One row per ``vllm-umim fidelity`` variant (module x rules file x merge settings
 output against greedy first divergence and the share of continuations equal for all 32 tokens,
 per text kind, with the stock bf16-vs-fp32 line drawn in; the two-stage PPL of each rule set and
 module (``ppl-*.json`` of ``vllm-umim eval`` beside the files) in a panel of its own; the shipped
-operating points (``operating-points.json``) marked.
+operating points (``operating-points.json``) marked; and the points' task accuracy through the
+engine (``vllm-umim lm-eval``'s results.json): each task's paired difference to stock fp32 with its
+interval, stock bf16 beside them.
 """
 
 from __future__ import annotations
@@ -69,7 +71,32 @@ def ppl_rows(files: list[Path]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], bf16: dict | None, ppl: list[dict], points: list[dict], png: Path) -> None:
+def accuracy_panel(axis, results: dict, systems: list[str]) -> None:
+    """Per system (x), each task's accuracy difference to stock fp32 on the same items with its 95 %
+    interval (one colour per task), and the ±1-point band the quality goals name."""
+    import matplotlib.pyplot as plt
+
+    tasks = [row["task"] for row in results["tasks"]]
+    colors = dict(zip(tasks, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    for x, system in enumerate(systems):
+        for offset, row in enumerate(results["tasks"]):
+            d = row["systems"].get(system, {}).get("paired_vs_reference")
+            if d is None:
+                continue
+            at = x + 0.6 * (offset / max(len(tasks) - 1, 1) - 0.5)
+            axis.errorbar([at], [100 * d["estimate"]], yerr=[[100 * (d["estimate"] - d["low"])], [100 * (d["high"] - d["estimate"])]],
+                          fmt="o", ms=4, color=colors[row["task"]], label=row["task"] if x == 0 else None)
+    axis.axhspan(-1, 1, color="green", alpha=0.08, label="within 1 point")
+    axis.axhline(0, color="grey", linewidth=0.8)
+    axis.set_xticks(range(len(systems)), systems)
+    axis.set_ylabel("accuracy − stock fp32 (points, 95 % interval)")
+    axis.set_title("task accuracy through the engine (lm-eval)")
+    axis.legend(fontsize=6, ncol=3, loc="lower left")
+    axis.grid(alpha=0.3)
+
+
+def plot(rows: list[dict], bf16: dict | None, ppl: list[dict], points: list[dict], png: Path,
+         accuracy: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +142,10 @@ def plot(rows: list[dict], bf16: dict | None, ppl: list[dict], points: list[dict
     ppl_axis.set_title("perplexity (prompt-side merging)")
     ppl_axis.legend(fontsize=7)
     ppl_axis.grid(alpha=0.3)
-    axes[1, 3].axis("off")
+    if accuracy:
+        accuracy_panel(axes[1, 3], accuracy, ["stock-bf16", *(p["name"] for p in points)])
+    else:
+        axes[1, 3].axis("off")
     fig.suptitle("UMIM on SmolLM2-135M: token reduction against agreement with the unmerged model (greedy, fp32 engine)")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

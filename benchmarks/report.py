@@ -408,8 +408,9 @@ def model_section(model: str, plot_to: Path | None) -> list[str]:
     points = ARTIFACTS / model / "operating-points.json"
     if rows and model == POINTS_MODEL and points.is_file():
         if plot_to:
-            frontier.plot(rows, bf16, ppl, load(points)["points"], plot_to)
-        lines += ["", "The frontier: every setting above, TR against agreement per text kind, operating points starred:", "",
+            frontier.plot(rows, bf16, ppl, load(points)["points"], plot_to, load(LM_EVAL) if LM_EVAL.is_file() else None)
+        lines += ["", "The frontier: every setting above, TR against agreement per text kind, operating points starred; "
+                  "the last panel is the points' task accuracy (`vllm-umim lm-eval`, paired to stock fp32):", "",
                   f"![TR against first divergence and equal-32 share, per text kind](../{relative(RESULTS / 'frontier.png')})"]
     evaluation = ARTIFACTS / model / "eval.json"
     if evaluation.is_file():
