@@ -77,7 +77,7 @@ def accuracy_panel(axis, results: dict, systems: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     tasks = [row["task"] for row in results["tasks"]]
-    colors = dict(zip(tasks, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
+    colors = dict(zip(tasks, plt.get_cmap("tab20").colors * 2))  # 20 distinct colours: one per task
     for x, system in enumerate(systems):
         for offset, row in enumerate(results["tasks"]):
             d = row["systems"].get(system, {}).get("paired_vs_reference")
