@@ -266,12 +266,21 @@ def rows_by_name(report: dict) -> dict[str, dict[str, dict]]:
 
 
 def load_note(report: dict) -> str:
-    """", on a machine shared with other work (...)" when a scenario recorded a 1-minute load average
-    above the CPU count at its start or end, else nothing."""
-    loads = [sc[key][0] for sc in report["scenarios"] for key in ("load_average_start", "load_average_1_5_15") if sc.get(key)]
-    if not loads or max(loads) <= report["cpu_count"]:
+    """", the <scenario> run on a machine shared with other work (...)" naming each scenario whose
+    1-minute load average was above the CPU count at its start (before its engines ran) or above
+    twice it at its end (its own engines, stock and the row side by side, load it by up to the CPU
+    count), else nothing."""
+    cpus = report["cpu_count"]
+    loaded = []
+    for sc in report["scenarios"]:
+        start, end = (sc.get(key) or [0.0] for key in ("load_average_start", "load_average_1_5_15"))
+        if start[0] > cpus or end[0] > 2 * cpus:
+            loaded.append((sc["scenario"]["name"], max(start[0], end[0])))
+    if not loaded:
         return ""
-    return f", on a machine shared with other work (1-minute load average up to {max(loads):.1f}: the ranges are wide)"
+    names = " and ".join(f"*{name}*" for name, _ in loaded)
+    return (f", the {names} run{'s' if len(loaded) > 1 else ''} on a machine shared with other work (1-minute load average "
+            f"up to {max(load for _, load in loaded):.1f}: the ranges are wide)")
 
 
 def which_to_turn_on(path: Path = COMPOSE) -> str:
@@ -287,7 +296,7 @@ def which_to_turn_on(path: Path = COMPOSE) -> str:
     return (table + "\n\n" + f"Each engine against stock vLLM running beside it, same engine arguments ({engine_arguments(report)}, {report['cpu_count']} CPU cores), "
             f"median [min–max] over {report['repetitions']} alternating repetitions{load_note(report)}; first differing token: mean index "
             "of the first greedy output token that differs from stock vLLM in fp32 (the output length = none). "
-            f"{ngram_note(report)}every figure, the prefill / decode split and each point's limit: "
+            f"{ngram_note(report)}Every figure, the prefill / decode split and each point's limit: "
             "[docs/results.md](docs/results.md#beside-vllms-own-ways-to-go-faster).")
 
 
@@ -323,7 +332,7 @@ def measured_pair(report: dict) -> bool:
 
 
 def ngram_note(report: dict) -> str:
-    return "" if measured_pair(report) else "UMIM points with `+ngram` compose but are not among these rows; "
+    return "" if measured_pair(report) else "UMIM points with `+ngram` compose but are not among these rows. "
 
 
 def speculation_text(report: dict) -> list[str]:
