@@ -359,8 +359,8 @@ def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]
         row = {"task": task, "metric": metric, "systems": {}}
         reference = records.get(REFERENCE)
         ref_scores = dict(zip(reference["doc_ids"], reference["scores"][metric])) if reference else None
-        reference_rows = load_rows(rows_path(output_dir, REFERENCE, task)) if reference and \
-            rows_path(output_dir, REFERENCE, task).is_file() else None  # read once per task, compared with each system
+        reference_path = rows_path(output_dir, REFERENCE, task)
+        reference_rows = load_rows(reference_path) if reference and reference_path.is_file() else None  # read once per task
         for system, record in records.items():
             scores = record["scores"][metric]
             entry = {"accuracy": accuracy_interval(scores).to_dict(), "merge": _merge_figures(record["merge"]), "limit": record["spec"].get("limit"),
