@@ -84,7 +84,34 @@ def test_split_limit_and_ratios_from_paired_runs():
     scenario = {"scenario": {"name": "natural"}, "rows": [stock, umim], "command": "c", "when": "w",
                 "load_average_start": [1], "load_average_1_5_15": [1]}
     table = bench_rows.markdown({"scenarios": [scenario], "cpu_count": 2})
-    assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | 20.0 % | 38 % | 1.33 / 1.20 | 32 | 156.2 |" in table
+    assert "| natural | max | 1.250 [1.250–1.250] (2) | 1.39 | 90 % | – | – | 20.0 % | 38 % | 1.33 / 1.20 | 32 | 156.2 |" in table
+
+
+def test_twin_requests_end_with_the_merged_requests_positions():
+    prompts = [list(range(100)), list(range(50)), list(range(10))]
+    # positions at the end (prompt + output, merges counted), output length 20
+    twins = bench_rows.twin_prompts(prompts, [90, 70, 15], output_len=20)
+    assert twins == [list(range(70)), list(range(50)), [0]]  # unmerged: whole prompt; never empty
+    with pytest.raises(ValueError):
+        bench_rows.twin_prompts(prompts, [90, 70], output_len=20)
+
+
+def test_the_measured_limit_is_stock_time_over_the_twin_time_of_the_same_repetition():
+    rows = [bench_rows.Row("stock"), bench_rows.Row("max", umim="pt")]
+    merged = dict(prompt_positions=60, raw_prompt_tokens=100, positions=80, raw_tokens=100)
+    runs = {"stock": [run(10.0, 33, 0, "max"), run(12.0, 33, 1, "max")],
+            "max": [run(8.0, 33, 0, "max", **merged), run(9.0, 33, 1, "max", **merged)]}
+    prefill = {"stock": [run(4.0, 1, 0, "max"), run(4.0, 1, 1, "max")], "max": [run(3.0, 1, 0, "max"), run(3.0, 1, 1, "max")]}
+    twins = {"max": [run(8.0, 33, 0, "max"), run(8.0, 33, 1, "max")]}
+    stock, umim = bench_rows.summarize_rows(rows, runs, prefill, fidelity={}, twin_runs=twins)
+    assert "measured_limit" not in stock
+    assert (umim["measured_limit"]["min"], umim["measured_limit"]["max"]) == pytest.approx((10 / 8, 12 / 8))
+    assert umim["ratio_to_measured_limit"] == pytest.approx(umim["ratio"]["median"] / umim["measured_limit"]["median"])
+    again = bench_rows.resummarize({"scenarios": [{"rows": [{**stock, "fidelity": None}, umim], "runs": runs,
+                                                   "prefill_runs": prefill, "twin_runs": twins}]})
+    assert again["scenarios"][0]["rows"][1]["measured_limit"] == umim["measured_limit"]
+    cells = bench_rows.row_cells("natural", umim)
+    assert cells[5:7] == ["1.38 [1.25–1.50]", f"{100 * umim['ratio_to_measured_limit']:.0f} %"]
 
 
 def test_the_limit_of_a_row_over_fp8_starts_from_stock_fp8():

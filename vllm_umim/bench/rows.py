@@ -22,7 +22,12 @@ Per row and scenario (``rows.json``):
   stock's runs in the same pair) prefill time scaled by the prompt's position fraction and its
   decode time by the whole sequence's, i.e. the ratio UMIM would reach if merged positions cost
   nothing and everything else cost what it costs without UMIM. Decode steps do not get fewer when positions do (each still yields one token), so
-  outside KV-bound scenarios the decode part of this limit is generous.
+  outside KV-bound scenarios the decode part of this limit is generous;
+* the measured limit of a UMIM row (:func:`twin_prompts`): the same engine, right after each
+  repetition's pair, serving twin requests unmerged: each raw prompt cut so the request ends with
+  as many positions as the merged one did, the same output length. At every step such a request
+  holds no more KV positions than its merged original, so its time is what the merged request
+  would take if merging itself cost nothing; stock's run in the same repetition over it is the limit.
 
 A KV-bound scenario caps the KV cache in blocks; an fp8 row gets as many blocks as fit in the same
 bytes (twice as many as bf16's, four times fp32's), so it is compared at equal KV memory.
@@ -141,6 +146,20 @@ def limit(base_ratio: float, base_split: dict, fractions: dict) -> float:
     return base_ratio / (share * fractions["prompt"] + (1 - share) * fractions["all"])
 
 
+def twin_prompts(prompts: list[list[int]], positions: list[int], output_len: int) -> list[list[int]]:
+    """The measured limit's requests: each raw prompt cut to the positions its merged request held
+    at its end less the output length (at least one token). Served unmerged with that output
+    length, a twin prefills no more positions than its original and, at every decode step, holds no
+    more (the original's decode merges are all counted from the start)."""
+    return [prompt[:max(1, n - output_len)] for prompt, n in zip(prompts, positions, strict=True)]
+
+
+def elapsed_ratios(stock: list[dict], mine: list[dict]) -> list[float]:
+    """Stock's seconds in the same pair and repetition over each of ``mine``'s."""
+    by_turn = {(r.get("beside"), r["repetition"]): r["elapsed_s"] for r in stock}
+    return [by_turn[(m.get("beside"), m["repetition"])] / m["elapsed_s"] for m in mine]
+
+
 def paired_ratios(stock: list[dict], mine: list[dict]) -> list[float]:
     """Each run's tokens/s over stock's in the same pair and repetition (stock's own row: 1s)."""
     by_turn = {(r.get("beside"), r["repetition"]): r["tokens_per_s"] for r in stock}
@@ -151,10 +170,11 @@ def beside(runs: list[dict], name: str) -> list[dict]:
     return [r for r in runs if r.get("beside") == name]
 
 
-def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: dict) -> list[dict]:
+def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: dict, twin_runs: dict | None = None) -> list[dict]:
     """One summary per row of a scenario's raw runs (``runs[row][repetition]``). A UMIM row's
     limit and step cost are against its base row: stock's runs beside it in the same pair (the
-    machine's load drifts between pairs), or the base row's own runs and its ratio to stock."""
+    machine's load drifts between pairs), or the base row's own runs and its ratio to stock; its
+    measured limit is stock's time over its twin runs' (``twin_runs[row]``) in the same repetition."""
     stock = runs[STOCK]
     splits = {name: time_split(runs[name], prefill_runs[name]) for name in runs} if prefill_runs else {}
     ratios = {row.name: spread(paired_ratios(stock, runs[row.name])) for row in rows}
@@ -190,6 +210,9 @@ def summarize_rows(rows: list[Row], runs: dict, prefill_runs: dict, fidelity: di
                 summary["ratio_to_limit"] = summary["ratio"]["median"] / summary["limit"]
                 mine_step, base_step = splits[row.name]["decode_step_ms"], base_split["decode_step_ms"]
                 summary["decode_step_ms_above_base"] = mine_step - base_step if mine_step is not None and base_step is not None else None
+        if (twin_runs or {}).get(row.name):
+            summary["measured_limit"] = spread(elapsed_ratios(stock, twin_runs[row.name]))
+            summary["ratio_to_measured_limit"] = summary["ratio"]["median"] / summary["measured_limit"]["median"]
         out.append(summary)
     return out
 
@@ -201,7 +224,7 @@ def resummarize(report: dict) -> dict:
     for sc in report["scenarios"]:
         rows = [Row(s["row"], s["umim"], s["fp8"], s["ngram"]) for s in sc["rows"]]
         fidelity = {s["row"]: s["fidelity"] for s in sc["rows"] if s.get("fidelity")}
-        scenarios.append({**sc, "rows": summarize_rows(rows, sc["runs"], sc["prefill_runs"], fidelity)})
+        scenarios.append({**sc, "rows": summarize_rows(rows, sc["runs"], sc["prefill_runs"], fidelity, sc.get("twin_runs"))})
     return {**report, "method": METHOD, "scenarios": scenarios}
 
 
@@ -210,7 +233,8 @@ def resummarize(report: dict) -> dict:
 def run_scenario(spec, rows: list[Row], engine_kwargs: dict, prompts_path: Path, config, work_dir: Path) -> dict:
     """The fp32 reference alone (untimed), then stock beside each other row in turn: each pair takes
     ``repetitions`` turns, alternating which goes first (a vLLM engine holds a few GB: a small
-    machine cannot keep every row up at once)."""
+    machine cannot keep every row up at once); with the split and greedy decoding, a UMIM row's
+    twin requests (:func:`twin_prompts`) after each turn."""
     from vllm_umim.bench.harness import EngineProcess
     from vllm_umim.bench.workloads import kv_block_size
 
@@ -232,6 +256,8 @@ def run_scenario(spec, rows: list[Row], engine_kwargs: dict, prompts_path: Path,
             engine.close()
     runs = {row.name: [] for row in rows}
     prefill_runs = {row.name: [] for row in rows} if config.split else {}
+    twin_runs = {row.name: [] for row in rows if row.umim} if config.split and greedy else {}
+    prompts = json.loads(prompts_path.read_text())
     tokens, startup_s = {}, {}
     stock = start(rows[0])
     try:
@@ -250,6 +276,10 @@ def run_scenario(spec, rows: list[Row], engine_kwargs: dict, prompts_path: Path,
                         result = engines[name].run(**command, return_tokens=first)
                         if first:
                             tokens[name] = result.pop("token_ids")
+                            positions = result.pop("request_positions")
+                            if name in twin_runs:
+                                twin_path = work_dir / f"{spec.name}.{name}.twin.json"
+                                twin_path.write_text(json.dumps(twin_prompts(prompts, positions, spec.output_len)))
                         result.update(repetition=repetition, position=order.index(name), beside=row.name)
                         runs[name].append(result)
                         line = f"  {spec.name} {row.name} rep {repetition} {name:14s}: {result['tokens_per_s']:8.1f} tok/s, {result['steps']} steps"
@@ -259,13 +289,19 @@ def run_scenario(spec, rows: list[Row], engine_kwargs: dict, prompts_path: Path,
                             prefill_runs[name].append(prefill)
                             line += f", prefill-only {prefill['elapsed_s']:.2f} s"
                         print(line, flush=True)
+                    if row.name in twin_runs:  # the measured limit: this engine on the twin requests, unmerged
+                        twin = other.run(**{**command, "prompts": str(twin_path)}, unmerged=True)
+                        twin.update(repetition=repetition, beside=row.name)
+                        twin_runs[row.name].append(twin)
+                        print(f"  {spec.name} {row.name} rep {repetition} {'twin':14s}: {twin['elapsed_s']:.2f} s", flush=True)
             finally:
                 other.close()
     finally:
         stock.close()
     fidelity = {name: first_differences(t, reference) for name, t in tokens.items()} if reference else {}
     return {"scenario": dataclasses.asdict(spec), "startup_s": startup_s,
-            "rows": summarize_rows(rows, runs, prefill_runs, fidelity), "runs": runs, "prefill_runs": prefill_runs}
+            "rows": summarize_rows(rows, runs, prefill_runs, fidelity, twin_runs), "runs": runs, "prefill_runs": prefill_runs,
+            "twin_runs": twin_runs}
 
 
 METHOD = {
@@ -280,6 +316,10 @@ METHOD = {
              "UMIM (e.g. stock+fp8 for max+fp8, with its ratio to stock): the ratio if merged positions cost nothing and "
              "all else cost what it costs without UMIM (decode steps do not get fewer, so outside KV-bound scenarios this "
              "is generous)",
+    "measured_limit": "stock's seconds in the same repetition / the row's engine's on twin requests served unmerged "
+                      "(each raw prompt cut so that the request ends with the positions the merged one ended with, same "
+                      "output length: at no step more KV positions than the merged request, the same decode steps): "
+                      "the ratio if merging itself cost nothing; median [min-max]",
     "phase_speedup": "stock's prefill_s (decode_s) in the same pair / the row's",
     "kv_cap": "KV-bound scenarios cap the cache in blocks of the model dtype; fp8 rows get the same bytes",
 }
@@ -342,7 +382,7 @@ def kept_scenarios(path: Path, engine_kwargs: dict, running: list[str]) -> list[
 
 # Tables -------------------------------------------------------------------------------------------
 
-ROWS_HEADER = ["scenario", "row", "tok/s / stock, median [min–max] (n)", "limit", "of limit", "TR", "prefill share",
+ROWS_HEADER = ["scenario", "row", "tok/s / stock, median [min–max] (n)", "limit", "of limit", "measured limit", "of it", "TR", "prefill share",
                "prefill / decode vs stock", "decode steps", "decode step ms", "fidelity: 1st difference mean, equal %", "preemptions"]
 
 
@@ -357,6 +397,8 @@ def row_cells(scenario_name: str, s: dict) -> list[str]:
         scenario_name, s["row"], ratio_text(s["ratio"]),
         f"{s['limit']:.2f}" if s.get("limit") else "–",
         f"{100 * s['ratio_to_limit']:.0f} %" if s.get("ratio_to_limit") else "–",
+        f"{s['measured_limit']['median']:.2f} [{s['measured_limit']['min']:.2f}–{s['measured_limit']['max']:.2f}]" if s.get("measured_limit") else "–",
+        f"{100 * s['ratio_to_measured_limit']:.0f} %" if s.get("ratio_to_measured_limit") else "–",
         f"{100 * s['token_reduction']:.1f} %" if s["umim"] else "–",
         f"{100 * time_['prefill_share']:.0f} %" if time_ else "–",
         f"{s['phase_speedup']['prefill']:.2f} / {s['phase_speedup']['decode']:.2f}" if s.get("phase_speedup") else "–",

@@ -4,7 +4,7 @@
 
 SPEC_JSON: ``{"engine_kwargs": {...EngineArgs fields...}, "label": "stock"}``. Commands arrive as
 JSON lines on stdin (``{"prompts": path, "output_len": n, "temperature": t, "profile": path|null,
-"return_tokens": bool}``,
+"return_tokens": bool, "unmerged": bool}``,
 or ``{"quit": true}``); each run's measurements go back as one JSON line on RESULT_FD (stdout and
 stderr carry vLLM's log). The run loop is ``vllm bench throughput``'s: add every request, then
 step the engine until all finish; ``ignore_eos`` with a fixed output length.
@@ -56,9 +56,13 @@ def build_engine(engine_kwargs: dict):
     return LLMEngine.from_engine_args(engine_args, stat_loggers=[PeakKvLogger])
 
 
-def run(engine, prompts: list[list[int]], output_len: int, temperature: float, return_tokens: bool = False) -> dict:
+def run(engine, prompts: list[list[int]], output_len: int, temperature: float, return_tokens: bool = False,
+        unmerged: bool = False) -> dict:
     """Serve every prompt once; wall time from the first request added to the last one finished.
-    ``steps``: engine steps taken; with ``return_tokens``, each request's output ids in prompt order."""
+    ``steps``: engine steps taken. With ``return_tokens``, per request in prompt order: its output
+    ids (``token_ids``) and its positions at its end (``request_positions``; raw tokens where it ran
+    unmerged). ``unmerged``: every request opts out of merging (``extra_args={"umim":
+    False}``; stock vLLM ignores it)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -67,7 +71,8 @@ def run(engine, prompts: list[list[int]], output_len: int, temperature: float, r
     engine.reset_prefix_cache()  # repetitions must not reuse each other's KV
     stats_logger = PeakKvLogger.instances[-1]
     stats_logger.reset()
-    params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True, seed=0)
+    params = SamplingParams(temperature=temperature, max_tokens=output_len, ignore_eos=True, seed=0,
+                            extra_args={"umim": False} if unmerged else None)
     outputs = []
     steps = 0
     started = time.perf_counter()
@@ -107,8 +112,11 @@ def run(engine, prompts: list[list[int]], output_len: int, temperature: float, r
         "accepted_tokens": stats_logger.accepted_tokens,
     }
     if return_tokens:
-        by_index = {int(o.request_id.split("-")[1]): list(o.outputs[0].token_ids) for o in outputs}
-        result["token_ids"] = [by_index[i] for i in range(len(prompts))]
+        by_index = {int(o.request_id.split("-")[1]): o for o in outputs}
+        in_order = [by_index[i] for i in range(len(prompts))]
+        result["token_ids"] = [list(o.outputs[0].token_ids) for o in in_order]
+        result["request_positions"] = [(merge_stats(o) or {}).get("positions") or len(p) + len(o.outputs[0].token_ids)
+                                       for o, p in zip(in_order, prompts)]
     return result
 
 
@@ -140,7 +148,8 @@ def main() -> None:
         if command.get("profile"):
             result = profiled_run(engine, prompts, command["output_len"], command["temperature"], command["profile"])
         else:
-            result = run(engine, prompts, command["output_len"], command["temperature"], command.get("return_tokens", False))
+            result = run(engine, prompts, command["output_len"], command["temperature"], command.get("return_tokens", False),
+                         command.get("unmerged", False))
         results.write(json.dumps(result) + "\n")
 
 
