@@ -316,7 +316,9 @@ def compose_section() -> list[str]:
         f"engine arguments ({engine_arguments(report)}) on the same requests ({scenarios}). Stock stays up and each other "
         "engine runs beside it in turn, alternating which goes first.", "",
         markdown_table(ROWS_HEADER, rows), "",
-        f"Ratio: {method['ratio']}. Limit: {method['limit']}. Time: {method['time']}. Fidelity: {method['fidelity']}. "
+        f"Ratio: {method['ratio']}. Limit: {method['limit']}. "
+        + (f"Measured limit: {method['measured_limit']}. " if "measured_limit" in method else "")
+        + f"Time: {method['time']}. Fidelity: {method['fidelity']}. "
         f"KV cap: {method['kv_cap']}.", "",
         *speculation_text(report), "",
         f"{report['cpu_count']} CPU cores; `{relative(COMPOSE)}`. Per scenario, its command, when it ran and the load "

@@ -28,8 +28,22 @@ def test_systems_tasks_and_limits():
     assert config.engine_args == {"gpu_memory_utilization": 0.3} and config.kl_top_k == 20
 
 
+def test_a_system_on_another_model_keeps_its_name_and_pairs_against_stock(tmp_path):
+    from vllm_umim.evaluation import harness
+
+    reader = str(tmp_path)
+    config = cli.build_config(_parse(["--no-bf16", "--point", POINT, "--system-model", f"balanced={reader}",
+                                      "--system-model", f"reader-raw={reader}"]))
+    assert [(s.name, s.model, s.umim) for s in config.systems] == [
+        ("stock-fp32", None, None), ("balanced", reader, {"rules": POINT}), ("reader-raw", reader, None)]
+    # item files of systems on the run's model keep the spec they had before the field existed
+    assert "model" not in harness._spec(config, config.systems[0], "arc_easy")["system"]
+    assert harness._spec(config, config.systems[1], "arc_easy")["system"]["model"] == reader
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--point", "no/such/folder"], "no such folder"),
+    (["--system-model", "x=no/such/model"], "no such model folder"),
     (["--umim", "w8"], "NAME=VALUE"),
     (["--umim", "w8={rules"], "not JSON"),
     (["--umim", 'w8={"window": 8}'], "needs a JSON object"),

@@ -11,6 +11,7 @@ Wire it with ``register(subparsers)``; ``run(args)`` is the subcommand's functio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def register(subparsers) -> None:
                    help="an operating-point folder (rules.bin, module, merge.json); repeatable; named after the folder")
     p.add_argument("--umim", action="append", default=[], metavar="NAME=JSON",
                    help='a system from rules + settings, e.g. \'w8={"rules": "rules.bin", "mode": "prompt", "window": 8}\'; repeatable')
+    p.add_argument("--system-model", action="append", default=[], metavar="NAME=FOLDER",
+                   help="run system NAME (a --point or --umim one) on this model folder instead of --model, e.g. an "
+                        "adapted reader merged into the weights (vllm-umim merge-reader); a NAME not among them adds "
+                        "that model unmerged; paired against stock fp32 on --model all the same; repeatable")
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, of: {', '.join(PRIMARY_METRIC)}")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--task-limit", action="append", default=[], metavar="TASK=N", help="items for one task; repeatable")
@@ -73,6 +78,14 @@ def build_config(args):
         if not isinstance(options, dict) or "rules" not in options:
             raise UmimError(f"--umim {name}: needs a JSON object with \"rules\"")
         systems.append(System(name, args.point_dtype, options))
+    for name, folder in _pairs(args.system_model, "--system-model").items():
+        if not Path(folder).expanduser().exists():
+            raise UmimError(f"--system-model {name}: no such model folder {folder}")
+        named = {s.name: i for i, s in enumerate(systems)}
+        if name in named:
+            systems[named[name]] = dataclasses.replace(systems[named[name]], model=str(Path(folder).expanduser()))
+        else:
+            systems.append(System(name, args.point_dtype, None, str(Path(folder).expanduser())))
     try:
         limits = {task: int(n) for task, n in _pairs(args.task_limit, "--task-limit").items()}
     except ValueError:

@@ -51,11 +51,14 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class System:
     """One engine configuration: ``dtype`` and, for UMIM, the ``additional_config["umim"]``
-    options (``rules``: a rules file or an operating-point folder; any merge settings beside)."""
+    options (``rules``: a rules file or an operating-point folder; any merge settings beside);
+    ``model``: another model folder than the run's (an adapted reader merged into the weights,
+    ``vllm-umim merge-reader``), still paired against stock fp32 on the run's model."""
 
     name: str
     dtype: str = "float32"
     umim: dict | None = None
+    model: str | None = None
 
 
 def stock_systems(dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> list[System]:
@@ -243,7 +246,8 @@ def rows_path(output_dir: Path, system: str, task: str) -> Path:
 
 
 def _spec(config: LmEvalConfig, system: System, task: str) -> dict:
-    return {"format": FORMAT_VERSION, "model": str(config.model), "system": asdict(system), "task": task,
+    system_spec = {k: v for k, v in asdict(system).items() if k != "model" or v is not None}  # as before the field
+    return {"format": FORMAT_VERSION, "model": str(config.model), "system": system_spec, "task": task,
             "limit": config.task_limit(task), "max_model_len": config.max_model_len, "enforce_eager": config.enforce_eager,
             "seed": config.seed, "loglikelihood_window": config.loglikelihood_window, "engine_args": config.engine_args,
             **({"kl_top_k": config.kl_top_k} if config.kl_top_k and task not in GENERATIVE else {})}
@@ -259,7 +263,7 @@ def _finished(path: Path, spec: dict) -> bool:
 
 def _make_lm(config: LmEvalConfig, system: System):
     cls = umim_vllm_class()
-    return cls(pretrained=str(config.model), umim=system.umim, dtype=system.dtype, max_model_len=config.max_model_len,
+    return cls(pretrained=str(system.model or config.model), umim=system.umim, dtype=system.dtype, max_model_len=config.max_model_len,
                enforce_eager=config.enforce_eager, seed=config.seed, loglikelihood_window=config.loglikelihood_window,
                kl_top_k=config.kl_top_k, batch_size="auto", **config.engine_args)
 
@@ -365,6 +369,8 @@ def summarize(output_dir: str | Path, systems: list[str], tasks: tuple[str, ...]
             scores = record["scores"][metric]
             entry = {"accuracy": accuracy_interval(scores).to_dict(), "merge": _merge_figures(record["merge"]), "limit": record["spec"].get("limit"),
                      "seconds": record["seconds"], "umim": record["spec"]["system"]["umim"], "dtype": record["spec"]["system"]["dtype"]}
+            if record["spec"]["system"].get("model"):
+                entry["model"] = record["spec"]["system"]["model"]
             for other in sorted(set(record["scores"]) - {metric}):
                 entry[other] = accuracy_interval(record["scores"][other]).to_dict()
             if reference is not None and system != REFERENCE:
