@@ -318,7 +318,7 @@ METHOD = {
              "is generous)",
     "measured_limit": "stock's seconds in the same repetition / the row's engine's on twin requests served unmerged "
                       "(each raw prompt cut so that the request ends with the positions the merged one ended with, same "
-                      "output length: at no step more KV positions than the merged request, the same decode steps): "
+                      "output length: at no step more KV positions than the merged request, one token a step as it): "
                       "the ratio if merging itself cost nothing; median [min-max]",
     "phase_speedup": "stock's prefill_s (decode_s) in the same pair / the row's",
     "kv_cap": "KV-bound scenarios cap the cache in blocks of the model dtype; fp8 rows get the same bytes",
