@@ -13,7 +13,9 @@ operating-points table (:func:`operating_points_summary`) is written between the
 ``<!-- which-to-turn-on:start -->`` and ``<!-- which-to-turn-on:end -->``, the "which to turn on"
 table of ``compose/rows.json`` (:func:`which_to_turn_on`); in docs/ceiling.md, the trained readers'
 table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) between
-``<!-- readers:start -->`` and ``<!-- readers:end -->``.
+``<!-- readers:start -->`` and ``<!-- readers:end -->``, and their task accuracy (lm-eval's table of
+``artifacts/<model>/readers/lm-eval/results.json``) between ``<!-- reader-lm-eval:start -->`` and
+``<!-- reader-lm-eval:end -->``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ CEILING_PAGE = ROOT / "docs" / "ceiling.md"
 READERS = ARTIFACTS / POINTS_MODEL / "readers" / "readers.json"
 READERS_MARKERS = ("<!-- readers:start -->", "<!-- readers:end -->")
 LM_EVAL = ARTIFACTS / POINTS_MODEL / "lm-eval" / "results.json"
+READERS_LM_EVAL = ARTIFACTS / POINTS_MODEL / "readers" / "lm-eval" / "results.json"
+READERS_LM_EVAL_MARKERS = ("<!-- reader-lm-eval:start -->", "<!-- reader-lm-eval:end -->")
 
 
 def load(path: Path) -> dict | list:
@@ -571,6 +575,11 @@ def expected_texts(plots: bool = False) -> dict[Path, str]:
         texts[README] = readme_with_summary(README.read_text())
     if CEILING_PAGE.is_file() and READERS.is_file():
         texts[CEILING_PAGE] = between(CEILING_PAGE.read_text(), READERS_MARKERS, lambda: readers_table(load(READERS)))
+    if CEILING_PAGE.is_file() and READERS_LM_EVAL.is_file():
+        from vllm_umim.evaluation.harness import render_table
+
+        text = texts.get(CEILING_PAGE, CEILING_PAGE.read_text())
+        texts[CEILING_PAGE] = between(text, READERS_LM_EVAL_MARKERS, lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n"))
     return texts
 
 

@@ -64,12 +64,18 @@ def run(elapsed, steps, repetition, beside, tokens_per_s=None, **merge):
             "decode_merges": 0, "peak_kv_blocks": None, "num_kv_blocks": None, "preemptions": 0, **merge}
 
 
-def test_split_limit_and_ratios_from_paired_runs():
+def stock_and_max(stock_s=(10.0, 10.0), max_s=(8.0, 8.0)):
+    """Rows, full runs (two repetitions, seconds given) and prefill-only runs of stock beside max."""
     rows = [bench_rows.Row("stock"), bench_rows.Row("max", umim="pt")]
     merged = dict(prompt_positions=60, raw_prompt_tokens=100, positions=80, raw_tokens=100)
-    runs = {"stock": [run(10.0, 33, 0, "max"), run(10.0, 33, 1, "max")],
-            "max": [run(8.0, 33, 0, "max", **merged), run(8.0, 33, 1, "max", **merged)]}
+    runs = {"stock": [run(t, 33, i, "max") for i, t in enumerate(stock_s)],
+            "max": [run(t, 33, i, "max", **merged) for i, t in enumerate(max_s)]}
     prefill = {"stock": [run(4.0, 1, 0, "max"), run(4.0, 1, 1, "max")], "max": [run(3.0, 1, 0, "max"), run(3.0, 1, 1, "max")]}
+    return rows, runs, prefill
+
+
+def test_split_limit_and_ratios_from_paired_runs():
+    rows, runs, prefill = stock_and_max()
     stock, umim = bench_rows.summarize_rows(rows, runs, prefill, fidelity={})
     assert stock["ratio"]["median"] == 1.0 and umim["ratio"]["median"] == pytest.approx(1.25)
     assert stock["time"]["prefill_share"] == pytest.approx(0.4) and stock["time"]["decode_step_ms"] == pytest.approx(6000 / 32)
@@ -97,11 +103,7 @@ def test_twin_requests_end_with_the_merged_requests_positions():
 
 
 def test_the_measured_limit_is_stock_time_over_the_twin_time_of_the_same_repetition():
-    rows = [bench_rows.Row("stock"), bench_rows.Row("max", umim="pt")]
-    merged = dict(prompt_positions=60, raw_prompt_tokens=100, positions=80, raw_tokens=100)
-    runs = {"stock": [run(10.0, 33, 0, "max"), run(12.0, 33, 1, "max")],
-            "max": [run(8.0, 33, 0, "max", **merged), run(9.0, 33, 1, "max", **merged)]}
-    prefill = {"stock": [run(4.0, 1, 0, "max"), run(4.0, 1, 1, "max")], "max": [run(3.0, 1, 0, "max"), run(3.0, 1, 1, "max")]}
+    rows, runs, prefill = stock_and_max(stock_s=(10.0, 12.0), max_s=(8.0, 9.0))
     twins = {"max": [run(8.0, 33, 0, "max"), run(8.0, 33, 1, "max")]}
     stock, umim = bench_rows.summarize_rows(rows, runs, prefill, fidelity={}, twin_runs=twins)
     assert "measured_limit" not in stock
