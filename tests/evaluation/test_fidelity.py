@@ -130,3 +130,42 @@ def test_cached_bf16_line_is_reused_only_for_the_same_model_length_and_prompts(t
     earlier.write_text(json.dumps(run))
     with pytest.raises(FidelityArgumentError, match="no bf16 line"):
         _cached_bf16_line(earlier, run)
+
+
+def test_a_cached_bf16_line_belongs_to_the_reference_model(tmp_path):
+    from vllm_umim.evaluation.fidelity_run import _cached_bf16_line
+
+    base = {"model": "base", "max_tokens": 32, "prompts": {"wiki": {"digest": "abc"}}}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({**base, "bf16": {"wiki": {"equal_share": 0.5}}}))
+    reader = {**base, "model": "reader", "reference_model": "base"}  # an adapted reader measured against its base
+    assert _cached_bf16_line(earlier, reader) == {"wiki": {"equal_share": 0.5}}
+    with pytest.raises(FidelityArgumentError, match="bf16 line is of 'base', this run's of 'reader'"):
+        _cached_bf16_line(earlier, {**base, "model": "reader"})
+
+
+def test_with_a_reference_model_every_row_is_against_its_unmerged_continuations(monkeypatch):
+    import vllm
+
+    from vllm_umim.evaluation import fidelity, fidelity_run
+
+    def cont(tokens):
+        return Continuation(tokens, [{t: 0.0} for t in tokens])
+
+    started = []
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            started.append((model, kwargs["dtype"], "additional_config" in kwargs))
+
+    base_says = cont([1, 2, 3, 4])
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    monkeypatch.setattr(fidelity, "generate_continuations", lambda llm, prompts, choice, n: [base_says for _ in prompts])
+    monkeypatch.setattr(fidelity_run, "_shutdown", lambda llm: None)
+    config = fidelity_run.FidelityConfig(rules="r.bin", model="reader", reference_model="base", max_tokens=4)
+    mine = {"unmerged": {"wiki": [cont([1, 2, 9, 9])]}, "dynamic": {"wiki": [cont([1, 9, 9, 9])]}}
+    figures, continuations = fidelity_run._against_reference_model(config, {"wiki": [[5, 6]]}, mine, {})
+    assert started == [("base", "float32", False)]  # the reference: the base model, fp32, no UMIM
+    assert continuations["unmerged"]["wiki"] == [base_says]
+    assert figures[fidelity_run.RAW_ROW]["wiki"]["first_divergence_mean"] == 2  # the reader's drift on raw input
+    assert figures["dynamic"]["wiki"]["first_divergence_mean"] == 1

@@ -42,6 +42,10 @@ class FidelityConfig:
 
     rules: Path = field(metadata={"help": "rules file (or operating-point folder)"})
     model: str = field(default=str(DEFAULT_MODEL), metadata={"help": "HF model folder"})
+    reference_model: str | None = field(default=None, metadata={
+        "help": "the unmerged reference (and the bf16 line) from this model instead of --model: for an adapted reader "
+                "merged into the weights (vllm-umim merge-reader), the base model it was trained against; adds the "
+                "row 'raw (this model)': --model unmerged against the reference"})
     module: str | None = field(default=None, metadata={"help": "merge module file, or 'mean' (default: beside the rules)"})
     variants: dict = field(default_factory=lambda: dict(map(parse_assignment, DEFAULT_VARIANTS)))
     engine_options: dict = field(default_factory=dict)
@@ -93,6 +97,9 @@ def run_fidelity(config: FidelityConfig) -> dict:
 
     result["files"] = files_used(umim_options(config, engine_options))
     figures, continuations = _umim_stage(config, variants, engine_options, token_prompts, seconds)
+    if config.reference_model:
+        figures, continuations = _against_reference_model(config, token_prompts, continuations, seconds)
+        result["reference_model"] = str(config.reference_model)
     result["figures"] = figures
     bf16_continuations = None
     if config.bf16_line_from:
@@ -132,13 +139,40 @@ def _umim_stage(config: FidelityConfig, variants, engine_options, token_prompts,
     return figures, continuations
 
 
+RAW_ROW = "raw (this model)"
+
+
+def _against_reference_model(config: FidelityConfig, token_prompts, continuations, seconds):
+    """Every continuation of the UMIM engine's model compared with the reference model's unmerged
+    fp32 ones (which become ``continuations["unmerged"]``); ``RAW_ROW`` is the model's own unmerged
+    continuations against them (an adapted reader's drift on text it does not merge)."""
+    from vllm import LLM
+
+    from vllm_umim.evaluation.fidelity import compare, generate_continuations
+
+    clock = time.perf_counter()
+    llm = LLM(model=str(config.reference_model), dtype="float32", enforce_eager=not config.compile,
+              max_model_len=MAX_MODEL_LEN, seed=0)
+    seconds["reference_engine_start"] = time.perf_counter() - clock
+    try:
+        clock = time.perf_counter()
+        reference = {kind: generate_continuations(llm, prompts, None, config.max_tokens) for kind, prompts in token_prompts.items()}
+        seconds["reference_generate"] = time.perf_counter() - clock
+    finally:
+        _shutdown(llm)
+    mine = {RAW_ROW: continuations["unmerged"], **{name: c for name, c in continuations.items() if name != "unmerged"}}
+    figures = {name: {kind: compare(reference[kind], c[kind], config.max_tokens) for kind in token_prompts} for name, c in mine.items()}
+    return figures, {**mine, "unmerged": reference}
+
+
 def _bf16_stage(config: FidelityConfig, token_prompts, fp32_unmerged, seconds):
     from vllm import LLM
 
     from vllm_umim.evaluation.fidelity import compare, generate_continuations
 
     clock = time.perf_counter()
-    llm = LLM(model=str(config.model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0, enforce_eager=config.eager)
+    llm = LLM(model=str(config.reference_model or config.model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0,
+              enforce_eager=config.eager)
     seconds["bf16_engine_start"] = time.perf_counter() - clock
     try:
         clock = time.perf_counter()
@@ -159,9 +193,11 @@ def _cached_bf16_line(path: Path, result: dict) -> dict:
         raise FidelityArgumentError(f"{path}: not a readable fidelity JSON ({e})") from e
     if "bf16" not in cached:
         raise FidelityArgumentError(f"{path}: has no bf16 line")
-    for key in ("model", "max_tokens"):
-        if cached.get(key) != result[key]:
-            raise FidelityArgumentError(f"{path}: {key} {cached.get(key)!r} differs from this run's {result[key]!r}")
+    line_model = lambda r: r.get("reference_model") or r.get("model")  # noqa: E731 - the bf16 line's model
+    if line_model(cached) != line_model(result):
+        raise FidelityArgumentError(f"{path}: its bf16 line is of {line_model(cached)!r}, this run's of {line_model(result)!r}")
+    if cached.get("max_tokens") != result["max_tokens"]:
+        raise FidelityArgumentError(f"{path}: max_tokens {cached.get('max_tokens')!r} differs from this run's {result['max_tokens']!r}")
     for kind, info in result["prompts"].items():
         if cached.get("prompts", {}).get(kind, {}).get("digest") != info["digest"] or kind not in cached["bf16"]:
             raise FidelityArgumentError(f"{path}: its {kind!r} prompts differ from this run's (other --limit or data)")
