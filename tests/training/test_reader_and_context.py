@@ -137,6 +137,7 @@ def test_adapted_reader_is_saved_in_peft_layout_and_merges_into_the_weights(tmp_
     trainer.fit()
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
+    (base_dir / "chat_template.jinja").write_text("{{ messages }}")  # a model's chat template travels with it
     trainer.cfg.extra["model_dir"] = str(base_dir)
     trainer.save_snapshot(tmp_path / "module.safetensors")
     adapter = reader_folder(tmp_path / "module.safetensors")
@@ -150,6 +151,7 @@ def test_adapted_reader_is_saved_in_peft_layout_and_merges_into_the_weights(tmp_
 
         merged = AutoModelForCausalLM.from_pretrained(merge_reader(base_dir, adapter, tmp_path / "merged"))
         assert torch.allclose(merged(input_ids=ids).logits, trained, atol=1e-4)
+        assert (tmp_path / "merged" / "chat_template.jinja").read_text() == "{{ messages }}"
         assert not torch.allclose(tiny_llama()(input_ids=ids).logits, trained, atol=1e-4)
     # the module is bound to these adapters; the engine's check refuses it on another model, and a
     # frozen-model module on the adapted one

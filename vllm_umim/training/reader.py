@@ -113,7 +113,7 @@ def adapter_sha256(folder: str | Path) -> str:
 
 def merge_reader(base_model: str | Path, adapter: str | Path, out: str | Path) -> Path:
     """A model folder with the adapters folded into the weights (PEFT ``merge_and_unload``), the
-    base folder's tokenizer files beside it, and the adapters' sha256 in its ``config.json``
+    base folder's tokenizer and chat-template files beside it, and the adapters' sha256 in its ``config.json``
     (``umim_reader_sha256``): the engine serves a module trained with this reader only on it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -123,7 +123,7 @@ def merge_reader(base_model: str | Path, adapter: str | Path, out: str | Path) -
     setattr(merged.config, CONFIG_KEY, adapter_sha256(adapter))
     out = Path(out)
     merged.save_pretrained(out)
-    for item in Path(base_model).iterdir():
-        if item.is_file() and ("token" in item.name or item.name in ("special_tokens_map.json", "generation_config.json")):
+    for item in Path(base_model).iterdir():  # tokenizer, chat template (chat_template.jinja), generation defaults
+        if item.is_file() and ("token" in item.name or "chat_template" in item.name or item.name == "generation_config.json"):
             shutil.copy2(item, out / item.name)
     return out
