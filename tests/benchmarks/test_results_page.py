@@ -79,3 +79,14 @@ def test_which_to_turn_on_and_the_speculation_verdict_come_from_the_rows(tmp_pat
     (verdict,) = [line for line in report.speculation_text(data) if line.startswith("- ")]
     assert "0.800 × stock [0.790–0.810], 25 % of draft tokens accepted" in verdict
     assert "`max`, 1.300; the pair, if their gains multiplied, 1.040: not above the better of the two alone" in verdict
+
+
+def test_the_reader_fidelity_table_sets_each_setting_beside_the_shipped_point_run_with_it():
+    fig = lambda *means: {k: {"first_divergence_mean": m} for k, m in zip(("wiki", "gsm8k"), means)}  # noqa: E731
+    reader = {"prompts": {"wiki": {}, "gsm8k": {}}, "bf16": fig(23.0, 24.0),
+              "figures": {"raw (this model)": fig(15.0, 16.0), "prompt-window-16": fig(6.0, 5.0)}}
+    points = {"bf16": fig(23.5, 24.5), "points": [{"name": "balanced", "fidelity": {"variant": "prompt-window-16", **fig(6.1, 5.3)}}]}
+    table = report.reader_fidelity_table(reader, points)
+    assert "| `raw (this model)` | 15.0 / 16.0 | — |" in table
+    assert "| `prompt-window-16` (balanced) | 6.0 / 5.0 | 6.1 / 5.3 |" in table
+    assert "| stock bf16 against fp32 | 23.0 / 24.0 | 23.5 / 24.5 |" in table
