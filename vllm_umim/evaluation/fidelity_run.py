@@ -142,44 +142,43 @@ def _umim_stage(config: FidelityConfig, variants, engine_options, token_prompts,
 RAW_ROW = "raw (this model)"
 
 
+def _stock_continuations(model, dtype: str, eager: bool, token_prompts, max_tokens: int, seconds, label: str) -> dict:
+    """Unmerged greedy continuations of every kind from a stock engine (no UMIM) on ``model``;
+    its start and generate seconds go to ``seconds`` under ``label``."""
+    from vllm import LLM
+
+    from vllm_umim.evaluation.fidelity import generate_continuations
+
+    clock = time.perf_counter()
+    llm = LLM(model=str(model), dtype=dtype, max_model_len=MAX_MODEL_LEN, seed=0, enforce_eager=eager)
+    seconds[f"{label}_engine_start"] = time.perf_counter() - clock
+    try:
+        clock = time.perf_counter()
+        continuations = {kind: generate_continuations(llm, prompts, None, max_tokens) for kind, prompts in token_prompts.items()}
+        seconds[f"{label}_generate"] = time.perf_counter() - clock
+    finally:
+        _shutdown(llm)
+    return continuations
+
+
 def _against_reference_model(config: FidelityConfig, token_prompts, continuations, seconds):
     """Every continuation of the UMIM engine's model compared with the reference model's unmerged
     fp32 ones (which become ``continuations["unmerged"]``); ``RAW_ROW`` is the model's own unmerged
     continuations against them (an adapted reader's drift on text it does not merge)."""
-    from vllm import LLM
+    from vllm_umim.evaluation.fidelity import compare
 
-    from vllm_umim.evaluation.fidelity import compare, generate_continuations
-
-    clock = time.perf_counter()
-    llm = LLM(model=str(config.reference_model), dtype="float32", enforce_eager=not config.compile,
-              max_model_len=MAX_MODEL_LEN, seed=0)
-    seconds["reference_engine_start"] = time.perf_counter() - clock
-    try:
-        clock = time.perf_counter()
-        reference = {kind: generate_continuations(llm, prompts, None, config.max_tokens) for kind, prompts in token_prompts.items()}
-        seconds["reference_generate"] = time.perf_counter() - clock
-    finally:
-        _shutdown(llm)
+    reference = _stock_continuations(config.reference_model, "float32", not config.compile, token_prompts, config.max_tokens,
+                                     seconds, "reference")
     mine = {RAW_ROW: continuations["unmerged"], **{name: c for name, c in continuations.items() if name != "unmerged"}}
     figures = {name: {kind: compare(reference[kind], c[kind], config.max_tokens) for kind in token_prompts} for name, c in mine.items()}
     return figures, {**mine, "unmerged": reference}
 
 
 def _bf16_stage(config: FidelityConfig, token_prompts, fp32_unmerged, seconds):
-    from vllm import LLM
+    from vllm_umim.evaluation.fidelity import compare
 
-    from vllm_umim.evaluation.fidelity import compare, generate_continuations
-
-    clock = time.perf_counter()
-    llm = LLM(model=str(config.reference_model or config.model), dtype="bfloat16", max_model_len=MAX_MODEL_LEN, seed=0,
-              enforce_eager=config.eager)
-    seconds["bf16_engine_start"] = time.perf_counter() - clock
-    try:
-        clock = time.perf_counter()
-        continuations = {kind: generate_continuations(llm, prompts, None, config.max_tokens) for kind, prompts in token_prompts.items()}
-        seconds["bf16_generate"] = time.perf_counter() - clock
-    finally:
-        _shutdown(llm)
+    continuations = _stock_continuations(config.reference_model or config.model, "bfloat16", config.eager, token_prompts,
+                                         config.max_tokens, seconds, "bf16")
     figures = {kind: compare(fp32_unmerged[kind], continuations[kind], config.max_tokens) for kind in token_prompts}
     return figures, continuations
 
