@@ -16,7 +16,7 @@ table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) b
 ``<!-- readers:start -->`` and ``<!-- readers:end -->``, and their task accuracy (lm-eval's table of
 ``artifacts/<model>/readers/lm-eval/results.json``) between ``<!-- reader-lm-eval:start -->`` and
 ``<!-- reader-lm-eval:end -->``; its greedy fidelity against the base model
-(:func:`reader_fidelity_table`) between ``<!-- reader-fidelity:start -->`` and ``<!-- reader-fidelity:end -->``.
+(:func:`reader_fidelity_table`, from ``readers/fidelity-<reader>.json``) between ``<!-- reader-fidelity:start -->`` and ``<!-- reader-fidelity:end -->``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ READERS_MARKERS = ("<!-- readers:start -->", "<!-- readers:end -->")
 LM_EVAL = ARTIFACTS / POINTS_MODEL / "lm-eval" / "results.json"
 READERS_LM_EVAL = ARTIFACTS / POINTS_MODEL / "readers" / "lm-eval" / "results.json"
 READERS_LM_EVAL_MARKERS = ("<!-- reader-lm-eval:start -->", "<!-- reader-lm-eval:end -->")
-READER_FIDELITY = ARTIFACTS / POINTS_MODEL / "readers" / "fidelity-reader8.json"
+READER_FIDELITY = ARTIFACTS / POINTS_MODEL / "readers"  # fidelity-<reader>.json
 READER_FIDELITY_MARKERS = ("<!-- reader-fidelity:start -->", "<!-- reader-fidelity:end -->")
 
 
@@ -535,18 +535,22 @@ def readers_table(result: dict) -> str:
                         "raw-input drift: KL / top-1 / first divergence"], rows)])
 
 
-def reader_fidelity_table(reader: dict, points: dict) -> str:
-    """``vllm-umim fidelity --reference-model``: an adapted reader's mean first divergence per kind
-    against the base model, beside the shipped points' (``operating-points.json``) at the same
-    settings, its own unmerged drift and the stock bf16 line."""
-    kinds = list(reader["prompts"])
+def reader_fidelity_table(readers: dict[str, dict], points: dict) -> str:
+    """``vllm-umim fidelity --reference-model``: each adapted reader's mean first divergence per
+    kind against the base model (one column per reader), beside the shipped points'
+    (``operating-points.json``) at the same settings, the readers' own unmerged drift and the stock
+    bf16 line."""
+    first = next(iter(readers.values()))
+    kinds = list(first["prompts"])
     cells = lambda figures: " / ".join(f"{figures[k]['first_divergence_mean']:.1f}" for k in kinds)  # noqa: E731
     by_variant = {p["fidelity"]["variant"]: p for p in points["points"]}
-    rows = [[f"`{name}` ({by_variant[name]['name']})" if name in by_variant else f"`{name}`", cells(figures),
+    rows = [[f"`{name}` ({by_variant[name]['name']})" if name in by_variant else f"`{name}`",
+             *(cells(r["figures"][name]) if name in r["figures"] else "—" for r in readers.values()),
              cells(by_variant[name]["fidelity"]) if name in by_variant else "—"]
-            for name, figures in reader["figures"].items()]
-    rows.append(["stock bf16 against fp32", cells(reader["bf16"]), cells(points["bf16"])])
-    return markdown_table(["setting", f"reader: mean first divergence ({' / '.join(kinds)})", "shipped point, frozen model"], rows)
+            for name in first["figures"]]
+    rows.append(["stock bf16 against fp32", *(cells(r["bf16"]) for r in readers.values()), cells(points["bf16"])])
+    return markdown_table(["setting", *(f"{name}: mean first divergence ({' / '.join(kinds)})" for name in readers),
+                           "shipped point, frozen model"], rows)
 
 
 # The page -----------------------------------------------------------------------------------------
@@ -597,10 +601,11 @@ def expected_texts(plots: bool = False) -> dict[Path, str]:
 
         text = texts.get(CEILING_PAGE, CEILING_PAGE.read_text())
         texts[CEILING_PAGE] = between(text, READERS_LM_EVAL_MARKERS, lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n"))
-    if CEILING_PAGE.is_file() and READER_FIDELITY.is_file():
+    readers = {path.stem.removeprefix("fidelity-"): load(path) for path in sorted(READER_FIDELITY.glob("fidelity-*.json"))}
+    if CEILING_PAGE.is_file() and readers:
         text = texts.get(CEILING_PAGE, CEILING_PAGE.read_text())
         points = load(ARTIFACTS / POINTS_MODEL / "operating-points.json")
-        texts[CEILING_PAGE] = between(text, READER_FIDELITY_MARKERS, lambda: reader_fidelity_table(load(READER_FIDELITY), points))
+        texts[CEILING_PAGE] = between(text, READER_FIDELITY_MARKERS, lambda: reader_fidelity_table(readers, points))
     return texts
 
 

@@ -86,7 +86,9 @@ def test_the_reader_fidelity_table_sets_each_setting_beside_the_shipped_point_ru
     reader = {"prompts": {"wiki": {}, "gsm8k": {}}, "bf16": fig(23.0, 24.0),
               "figures": {"raw (this model)": fig(15.0, 16.0), "prompt-window-16": fig(6.0, 5.0)}}
     points = {"bf16": fig(23.5, 24.5), "points": [{"name": "balanced", "fidelity": {"variant": "prompt-window-16", **fig(6.1, 5.3)}}]}
-    table = report.reader_fidelity_table(reader, points)
-    assert "| `raw (this model)` | 15.0 / 16.0 | — |" in table
-    assert "| `prompt-window-16` (balanced) | 6.0 / 5.0 | 6.1 / 5.3 |" in table
-    assert "| stock bf16 against fp32 | 23.0 / 24.0 | 23.5 / 24.5 |" in table
+    other = {**reader, "figures": {"raw (this model)": fig(20.0, 21.0)}}
+    table = report.reader_fidelity_table({"r1": reader, "r2": other}, points)
+    assert "| setting | r1: mean first divergence (wiki / gsm8k) | r2: mean first divergence (wiki / gsm8k) |" in table
+    assert "| `raw (this model)` | 15.0 / 16.0 | 20.0 / 21.0 | — |" in table
+    assert "| `prompt-window-16` (balanced) | 6.0 / 5.0 | — | 6.1 / 5.3 |" in table
+    assert "| stock bf16 against fp32 | 23.0 / 24.0 | 23.0 / 24.0 | 23.5 / 24.5 |" in table
