@@ -590,22 +590,31 @@ def readme_with_summary(text: str) -> str:
     return between(text, WHICH_MARKERS, which_to_turn_on) if COMPOSE.is_file() else text
 
 
+def ceiling_page_text(text: str) -> str:
+    """docs/ceiling.md's text with each generated table between its markers, where its JSON is
+    committed (unchanged otherwise)."""
+    from vllm_umim.evaluation.harness import render_table
+
+    fidelity = sorted(READER_FIDELITY.glob("fidelity-*.json"))
+    blocks = [
+        (READERS_MARKERS, READERS.is_file(), lambda: readers_table(load(READERS))),
+        (READERS_LM_EVAL_MARKERS, READERS_LM_EVAL.is_file(), lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n")),
+        (READER_FIDELITY_MARKERS, bool(fidelity),
+         lambda: reader_fidelity_table({path.stem.removeprefix("fidelity-"): load(path) for path in fidelity},
+                                       load(ARTIFACTS / POINTS_MODEL / "operating-points.json"))),
+    ]
+    for markers, committed, block in blocks:
+        if committed:
+            text = between(text, markers, block)
+    return text
+
+
 def expected_texts(plots: bool = False) -> dict[Path, str]:
     texts = {PAGE: render_page(plots)}
     if README.is_file():
         texts[README] = readme_with_summary(README.read_text())
-    if CEILING_PAGE.is_file() and READERS.is_file():
-        texts[CEILING_PAGE] = between(CEILING_PAGE.read_text(), READERS_MARKERS, lambda: readers_table(load(READERS)))
-    if CEILING_PAGE.is_file() and READERS_LM_EVAL.is_file():
-        from vllm_umim.evaluation.harness import render_table
-
-        text = texts.get(CEILING_PAGE, CEILING_PAGE.read_text())
-        texts[CEILING_PAGE] = between(text, READERS_LM_EVAL_MARKERS, lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n"))
-    readers = {path.stem.removeprefix("fidelity-"): load(path) for path in sorted(READER_FIDELITY.glob("fidelity-*.json"))}
-    if CEILING_PAGE.is_file() and readers:
-        text = texts.get(CEILING_PAGE, CEILING_PAGE.read_text())
-        points = load(ARTIFACTS / POINTS_MODEL / "operating-points.json")
-        texts[CEILING_PAGE] = between(text, READER_FIDELITY_MARKERS, lambda: reader_fidelity_table(readers, points))
+    if CEILING_PAGE.is_file():
+        texts[CEILING_PAGE] = ceiling_page_text(CEILING_PAGE.read_text())
     return texts
 
 
