@@ -14,7 +14,7 @@ import torch
 from tests.conftest import make_ruleset, tiny_llama
 from vllm_umim.errors import OptionError, TeacherCacheError
 from vllm_umim.module.batches import AlignmentError, check_alignment, collate, segment, student_embeddings
-from vllm_umim.training.loss import distillation_loss, student_logits
+from vllm_umim.training.loss import distillation_loss, student_logits, top1_margin_loss
 from vllm_umim.training.teacher_cache import TeacherCache, build_cache, teacher_topk
 from vllm_umim.training.trainer import TrainConfig, Trainer, lr_factor
 
@@ -108,6 +108,24 @@ def test_distillation_loss_values():
         distillation_loss(logits, torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
 
 
+def test_top1_margin_loss_values():
+    """Zero where the student ranks the teacher's top-1 first by the teacher's margin (capped); a
+    hinge on the shortfall elsewhere; never more than the teacher's own margin asked."""
+    teacher_vals, teacher_ids = torch.tensor([[5.0, 4.5, 1.0]]), torch.tensor([[2, 0, 1]])  # margin 0.5
+    agrees = torch.tensor([[1.0, 0.0, 2.0]])  # top-1 (id 2) first by 1.0 >= 0.5
+    assert float(top1_margin_loss(agrees, teacher_vals, teacher_ids)) == 0.0
+    flipped = torch.tensor([[3.0, 0.0, 2.0]], requires_grad=True)  # id 0 first by 1.0: shortfall 0.5 + 1.0
+    loss = top1_margin_loss(flipped, teacher_vals, teacher_ids)
+    assert torch.isclose(loss, torch.tensor(1.5))
+    loss.backward()
+    assert flipped.grad[0, 2] < 0 < flipped.grad[0, 0]  # raise the teacher's top-1, lower the runner-up
+    confident = torch.tensor([[9.0, 0.0, 1.0]])  # teacher margin 9 capped at 1: student margin 1.0 is enough
+    assert float(top1_margin_loss(torch.tensor([[0.0, 0.0, 1.0]]), confident, torch.tensor([[2, 0, 1]]), cap=1.0)) == 0.0
+    assert float(top1_margin_loss(torch.tensor([[0.0, 0.0, 1.0]]), confident, torch.tensor([[2, 0, 1]]), cap=3.0)) == 2.0
+    with pytest.raises(AlignmentError, match="misaligned"):
+        top1_margin_loss(agrees, torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
+
+
 def test_gradients_flow_through_frozen_lm(tiny_model):
     from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
     from vllm_umim.training.trainer import freeze
@@ -170,6 +188,18 @@ def test_loss_decreases(tmp_path):
     assert vals[-1] < vals[0] - 1e-3
     assert meta["tokens_seen"] == 16 * 4 * 30 and meta["best_val_loss"] < vals[0]
     assert (tmp_path / "run" / "best.safetensors").exists() and (tmp_path / "run" / "ckpt-last.safetensors").exists()
+
+
+def test_top1_term_trains_and_logs_agreement(tmp_path):
+    """--top1-weight: the run trains with the margin term, validation records top-1 agreement,
+    and top-1 agreement on the validation rows does not fall."""
+    model, rules = _setup(tmp_path)
+    trainer = _trainer(tmp_path, model, rules, max_tokens=16 * 4 * 30, lr=1e-2, top1_weight=1.0)
+    meta = trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    top1 = [r["val_top1"] for r in log if "val_loss" in r]
+    assert len(top1) > 2 and all(0.0 <= t <= 1.0 for t in top1) and top1[-1] >= top1[0]
+    assert meta["top1_weight"] == 1.0 and meta["best_val_loss"] < log[0]["val_loss"]
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -20,6 +20,13 @@ distribution. Two targets are available:
   distributions (a lower bound on the full KL) plus a constant.
 
 The returned value is normalised by the number of supervised rows (``sum(loss_mask)``).
+
+Top-1 term (issue 20, "training for what users see"). Greedy decoding reads only the argmax, and
+the KL weighs a flipped argmax no more than any other mismatch of the same size. The optional
+:func:`top1_margin_loss` asks the student to rank the teacher's top-1 first by the teacher's own
+margin over its runner-up (capped): zero where the student already does, a hinge elsewhere. It
+never asks for more confidence than the teacher has, so it does not sharpen rows where the teacher
+itself hesitates.
 """
 
 from __future__ import annotations
@@ -80,9 +87,39 @@ def distillation_loss(
     raise OptionError(f"unknown distillation target {target!r}; expected one of {TARGETS}")
 
 
-def batch_loss(model, module, batch: Batch, teacher_rows, target: str = "renorm") -> torch.Tensor:
-    """Algorithm 1 for one batch: check alignment, run the student, compare with cached rows."""
+def top1_margin_loss(logits: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, cap: float = 1.0) -> torch.Tensor:
+    """Mean hinge ``relu(min(teacher margin, cap) - student margin)`` over the rows, where a margin
+    is the logit of the teacher's top-1 token minus the best other logit (the teacher's is
+    ``topk_logits[:, 0] - topk_logits[:, 1]``: the cache keeps them sorted). 0 where the student
+    ranks the teacher's top-1 first by at least that much."""
+    if logits.shape[0] != topk_logits.shape[0]:
+        raise AlignmentError(f"{logits.shape[0]} student rows vs {topk_logits.shape[0]} teacher rows: misaligned")
+    if logits.shape[0] == 0 or topk_logits.shape[1] < 2:
+        return logits.sum() * 0.0
+    logits = logits.float()
+    top = topk_ids[:, :1].long()
+    student_top = logits.gather(1, top).squeeze(1)
+    student_other = logits.scatter(1, top, float("-inf")).max(-1).values
+    wanted = (topk_logits[:, 0] - topk_logits[:, 1]).float().clamp(min=0.0, max=cap)
+    return F.relu(wanted - (student_top - student_other)).mean()
+
+
+def batch_loss(model, module, batch: Batch, teacher_rows, target: str = "renorm", top1_weight: float = 0.0,
+               top1_cap: float = 1.0) -> torch.Tensor:
+    """Algorithm 1 for one batch: check alignment, run the student, compare with cached rows
+    (plus ``top1_weight`` times the top-1 margin term)."""
+    return batch_terms(model, module, batch, teacher_rows, target, top1_weight, top1_cap)[0]
+
+
+def batch_terms(model, module, batch: Batch, teacher_rows, target: str = "renorm", top1_weight: float = 0.0,
+                top1_cap: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, top-1 agreements)``: the loss of :func:`batch_loss` and, per supervised row,
+    whether the student's argmax is the teacher's (what greedy decoding sees)."""
     check_alignment(batch)
     topk_logits, topk_ids, lse = teacher_rows
     logits = student_logits(model, module, batch)
-    return distillation_loss(logits, topk_logits, topk_ids, lse, target)
+    loss = distillation_loss(logits, topk_logits, topk_ids, lse, target)
+    if top1_weight:
+        loss = loss + top1_weight * top1_margin_loss(logits, topk_logits, topk_ids, top1_cap)
+    agree = logits.detach().argmax(-1) == topk_ids[:, 0].long()
+    return loss, agree

@@ -27,6 +27,10 @@
   adapters on the LM train with the module; the loss adds the KL of ``raw_windows`` unmerged
   windows per batch, so the adapted model stays close to the teacher on ordinary text. The
   adapters go into the checkpoint and, in PEFT's layout, beside every module snapshot.
+* Top-1 term (``top1_weight``, issue 20): the loss adds a hinge that keeps the teacher's argmax
+  first (:func:`~vllm_umim.training.loss.top1_margin_loss`); validation then scores the same
+  objective, and every validation record also carries ``val_top1``, the share of merged-window
+  rows whose argmax is the teacher's (what greedy decoding sees).
 * ``precision="bf16"``: the student's forward runs under CPU/GPU autocast (matmuls in bfloat16;
   the module's weights, the optimizer and the loss stay fp32). Measured on this 2-core CPU with
   AVX512-BF16 (``benchmarks/training_profile.py``): 1.53x the fp32 student throughput at
@@ -54,7 +58,7 @@ from vllm_umim.module.file_format import model_identity, save_module
 from vllm_umim.module.merge_module import VARIANTS, MergeModule, MergeModuleConfig
 from vllm_umim.module.batches import collate, segment
 from vllm_umim.training.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from vllm_umim.training.loss import TARGETS, batch_loss, distillation_loss
+from vllm_umim.training.loss import TARGETS, batch_terms, distillation_loss
 from vllm_umim.training.reader import CONFIG_KEY as READER_KEY
 from vllm_umim.training.reader import ReaderConfig, adapt, adapter_sha256, adapter_state, load_adapter_state, save_adapter
 from vllm_umim.training.teacher_cache import TeacherCache
@@ -86,6 +90,10 @@ class TrainConfig:
     log_every: int = 1
     grad_clip: float = 1.0
     target: str = field(default="renorm", metadata={"choices": TARGETS, "help": "teacher top-k target (see training/loss.py)"})
+    top1_weight: float = field(default=0.0, metadata={
+        "help": "weight of the top-1 margin term on the merged windows' rows (training/loss.py; 0: the paper's loss only)"})
+    top1_cap: float = field(default=1.0, metadata={
+        "help": "the top-1 term asks for the teacher's own top-1 margin, at most this many logits"})
     seed: int = field(default=0, metadata={"help": "window split and order, module initialisation"})
     heads: int = field(default=4, metadata={"help": "attention heads of a new merge module"})
     variant: str = field(default="paper", metadata={"choices": VARIANTS, "help": "architecture of a new merge module"})
@@ -147,6 +155,7 @@ class Trainer:
         self.check_cache_model(model)  # the frozen model, before any adapter is injected
         self.reader = reader if reader is not None and reader.rank else None
         self.val_raw: float | None = None  # an adapted reader's drift on the unmerged validation windows
+        self.val_top1: float | None = None  # share of validation rows whose argmax is the teacher's
         if self.reader is not None:
             self.trainable += adapt(self.model, self.reader)
         if config.precision not in PRECISIONS:
@@ -237,21 +246,28 @@ class Trainer:
         if self.val is None or len(self.val) == 0:
             return float("nan")
         self.module.eval()
-        total, rows, raw_total, raw_rows = 0.0, 0, 0.0, 0
+        total, rows, raw_total, raw_rows, agree = 0.0, 0, 0.0, 0, 0
         with torch.no_grad():
             for i in range(0, len(self.val), self.cfg.batch_size):
                 idx = list(range(i, min(i + self.cfg.batch_size, len(self.val))))
                 batch, teacher = self.make_batch(self.val, idx)
                 n = int(batch.loss_mask.sum())
                 with self.autocast():
-                    total += float(batch_loss(self.model, self.module, batch, teacher, self.cfg.target)) * n
+                    loss, agreed = self.loss_terms(self.module, batch, teacher)
+                    total += float(loss) * n
+                    agree += int(agreed.sum())
                     if self.reader is not None:
                         raw_total += float(self.raw_loss(batch, teacher, len(idx))) * n
                         raw_rows += n
                 rows += n
         self.module.train()
         self.val_raw = raw_total / raw_rows if raw_rows else None
+        self.val_top1 = agree / rows if rows else None
         return total / max(rows, 1)
+
+    def loss_terms(self, module, batch, teacher):
+        """The merged windows' loss (§3.3, plus the top-1 term when asked) and their top-1 agreements."""
+        return batch_terms(self.model, module, batch, teacher, self.cfg.target, self.cfg.top1_weight, self.cfg.top1_cap)
 
     def log(self, record: dict) -> None:
         if self.rank == 0:
@@ -286,6 +302,8 @@ class Trainer:
             "teacher_cache_tokens": self.train.num_tokens,
             "teacher_topk": self.train.k,
             "target": self.cfg.target,
+            "top1_weight": self.cfg.top1_weight,
+            "top1_cap": self.cfg.top1_cap,
             "lr": self.cfg.lr,
             "weight_decay": self.cfg.weight_decay,
             "schedule": self.cfg.schedule,
@@ -448,16 +466,18 @@ class Trainer:
             val = self.validate()
             self.best_val, self.best_step = val, 0
             self.save_best()
-            self.log({"step": 0, "tokens": 0, "val_loss": val, **self.raw_record()})
+            self.log({"step": 0, "tokens": 0, "val_loss": val, **self.val_record()})
 
-    def raw_record(self) -> dict:
-        return {"val_raw_loss": round(self.val_raw, 5)} if self.val_raw is not None else {}
+    def val_record(self) -> dict:
+        """The validation figures beside the loss: top-1 agreement, an adapted reader's drift."""
+        record = {"val_top1": round(self.val_top1, 5)} if self.val_top1 is not None else {}
+        return record | ({"val_raw_loss": round(self.val_raw, 5)} if self.val_raw is not None else {})
 
     def train_step(self) -> tuple[float, torch.Tensor | None]:
         """One batch of distillation (paper §3.3): loss, backward, clip, AdamW and LR schedule."""
         batch, teacher = self.make_batch(self.train, self.batch_indices(self.step))
         with self.autocast():
-            loss = batch_loss(self.model, self.ddp or self.module, batch, teacher, self.cfg.target)
+            loss = self.loss_terms(self.ddp or self.module, batch, teacher)[0]
             if self.reader is not None and self.reader.raw_windows:
                 loss = loss + self.reader.raw_weight * self.raw_loss(batch, teacher, self.reader.raw_windows)
         if not batch.merged_mask.any():  # keep DDP's reducer fed even without merged spans
@@ -497,7 +517,7 @@ class Trainer:
                 self.save_best()
             else:
                 self.bad_evals += 1
-            self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": round(val, 5), "best": improved, **self.raw_record()})
+            self.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": round(val, 5), "best": improved, **self.val_record()})
             if self.cfg.patience and self.bad_evals >= self.cfg.patience:
                 stop[0] = 1
         if self.world > 1:
