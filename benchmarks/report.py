@@ -50,6 +50,7 @@ READERS_LM_EVAL = ARTIFACTS / POINTS_MODEL / "readers" / "lm-eval" / "results.js
 READERS_LM_EVAL_MARKERS = ("<!-- reader-lm-eval:start -->", "<!-- reader-lm-eval:end -->")
 READER_FIDELITY = ARTIFACTS / POINTS_MODEL / "readers"  # fidelity-<reader>.json
 READER_FIDELITY_MARKERS = ("<!-- reader-fidelity:start -->", "<!-- reader-fidelity:end -->")
+READER_KL_MARKERS = ("<!-- reader-fidelity-kl:start -->", "<!-- reader-fidelity-kl:end -->")
 
 
 def load(path: Path) -> dict | list:
@@ -535,21 +536,33 @@ def readers_table(result: dict) -> str:
                         "raw-input drift: KL / top-1 / first divergence"], rows)])
 
 
-def reader_fidelity_table(readers: dict[str, dict], points: dict) -> str:
-    """``vllm-umim fidelity --reference-model``: each adapted reader's mean first divergence per
-    kind against the base model (one column per reader), beside the shipped points'
-    (``operating-points.json``) at the same settings, the readers' own unmerged drift and the stock
-    bf16 line."""
+RAW_SETTING = "raw (this model)"  # vllm-umim fidelity --reference-model: the adapted model unmerged
+
+
+FIDELITY_FIGURES = {  # what a reader fidelity table shows: (heading, cell format)
+    "first_divergence_mean": ("mean first divergence", "{:.1f}"),
+    "kl_mean": ("mean KL per step", "{:.4f}"),
+}
+
+
+def reader_fidelity_table(readers: dict[str, dict], points: dict, figure: str = "first_divergence_mean") -> str:
+    """``vllm-umim fidelity --reference-model``: each design's ``figure`` per kind against the base
+    model (one column per design: an adapted reader, or a module for the frozen model), beside the
+    shipped points' (``operating-points.json``) at the same settings, the readers' own unmerged
+    drift and the stock bf16 line. A setting one design lacks is "—"."""
+    heading, fmt = FIDELITY_FIGURES[figure]
     first = next(iter(readers.values()))
     kinds = list(first["prompts"])
-    cells = lambda figures: " / ".join(f"{figures[k]['first_divergence_mean']:.1f}" for k in kinds)  # noqa: E731
+    settings = sorted(dict.fromkeys(name for r in readers.values() for name in r["figures"]),
+                      key=lambda name: name != RAW_SETTING)  # the drift row first, then in the files' order
+    cells = lambda figures: " / ".join(fmt.format(figures[k][figure]) for k in kinds)  # noqa: E731
     by_variant = {p["fidelity"]["variant"]: p for p in points["points"]}
     rows = [[f"`{name}` ({by_variant[name]['name']})" if name in by_variant else f"`{name}`",
              *(cells(r["figures"][name]) if name in r["figures"] else "—" for r in readers.values()),
              cells(by_variant[name]["fidelity"]) if name in by_variant else "—"]
-            for name in first["figures"]]
+            for name in settings]
     rows.append(["stock bf16 against fp32", *(cells(r["bf16"]) for r in readers.values()), cells(points["bf16"])])
-    return markdown_table(["setting", *(f"{name}: mean first divergence ({' / '.join(kinds)})" for name in readers),
+    return markdown_table(["setting", *(f"{name}: {heading} ({' / '.join(kinds)})" for name in readers),
                            "shipped point, frozen model"], rows)
 
 
@@ -599,9 +612,10 @@ def ceiling_page_text(text: str) -> str:
     blocks = [
         (READERS_MARKERS, READERS.is_file(), lambda: readers_table(load(READERS))),
         (READERS_LM_EVAL_MARKERS, READERS_LM_EVAL.is_file(), lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n")),
-        (READER_FIDELITY_MARKERS, bool(fidelity),
-         lambda: reader_fidelity_table({path.stem.removeprefix("fidelity-"): load(path) for path in fidelity},
-                                       load(ARTIFACTS / POINTS_MODEL / "operating-points.json"))),
+        *((markers, bool(fidelity),
+           lambda figure=figure: reader_fidelity_table({path.stem.removeprefix("fidelity-"): load(path) for path in fidelity},
+                                                       load(ARTIFACTS / POINTS_MODEL / "operating-points.json"), figure))
+          for markers, figure in ((READER_FIDELITY_MARKERS, "first_divergence_mean"), (READER_KL_MARKERS, "kl_mean"))),
     ]
     for markers, committed, block in blocks:
         if committed:

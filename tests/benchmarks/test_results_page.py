@@ -92,3 +92,17 @@ def test_the_reader_fidelity_table_sets_each_setting_beside_the_shipped_point_ru
     assert "| `raw (this model)` | 15.0 / 16.0 | 20.0 / 21.0 | — |" in table
     assert "| `prompt-window-16` (balanced) | 6.0 / 5.0 | — | 6.1 / 5.3 |" in table
     assert "| stock bf16 against fp32 | 23.0 / 24.0 | 23.0 / 24.0 | 23.5 / 24.5 |" in table
+    frozen = {**reader, "figures": {"prompt-window-16": fig(6.5, 5.5)}}  # a module for the frozen model: no drift row
+    table = report.reader_fidelity_table({"m": frozen, "r1": reader}, points)
+    assert table.index("`raw (this model)`") < table.index("`prompt-window-16`")
+    assert "| `raw (this model)` | — | 15.0 / 16.0 | — |" in table
+    assert "| `prompt-window-16` (balanced) | 6.5 / 5.5 | 6.0 / 5.0 | 6.1 / 5.3 |" in table
+    kl = lambda *means: {k: {"kl_mean": m} for k, m in zip(("wiki", "gsm8k"), means)}  # noqa: E731
+    frozen["figures"]["prompt-window-16"] = {k: {**v, **kl(0.1234, 0.05)[k]} for k, v in fig(6.5, 5.5).items()}
+    frozen["bf16"] = reader["bf16"] = {k: {**v, **kl(0.0004, 0.0005)[k]} for k, v in fig(23.0, 24.0).items()}
+    points["bf16"] = {k: {**v, **kl(0.0003, 0.0006)[k]} for k, v in points["bf16"].items()}
+    points["points"][0]["fidelity"].update(kl(0.108, 0.11))
+    table = report.reader_fidelity_table({"m": frozen}, points, "kl_mean")
+    assert "| setting | m: mean KL per step (wiki / gsm8k) | shipped point, frozen model |" in table
+    assert "| `prompt-window-16` (balanced) | 0.1234 / 0.0500 | 0.1080 / 0.1100 |" in table
+    assert "| stock bf16 against fp32 | 0.0004 / 0.0005 | 0.0003 / 0.0006 |" in table
