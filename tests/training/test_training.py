@@ -200,6 +200,9 @@ def test_top1_term_trains_and_logs_agreement(tmp_path):
     top1 = [r["val_top1"] for r in log if "val_loss" in r]
     assert len(top1) > 2 and all(0.0 <= t <= 1.0 for t in top1) and top1[-1] >= top1[0]
     assert meta["top1_weight"] == 1.0 and meta["best_val_loss"] < log[0]["val_loss"]
+    for bad in ({"top1_weight": -1.0}, {"top1_cap": 0.0}):
+        with pytest.raises(OptionError, match="top-1 term"):
+            _trainer(tmp_path, model, rules, **bad)
 
 
 def test_resume_continues_exactly(tmp_path):

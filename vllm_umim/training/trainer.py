@@ -160,6 +160,9 @@ class Trainer:
             self.trainable += adapt(self.model, self.reader)
         if config.precision not in PRECISIONS:
             raise OptionError(f"unknown precision {config.precision!r}; expected one of {PRECISIONS}")
+        if config.top1_weight < 0 or config.top1_cap <= 0:
+            raise OptionError(f"the top-1 term needs top1_weight >= 0 and top1_cap > 0, got {config.top1_weight} "
+                              f"and {config.top1_cap}")
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
