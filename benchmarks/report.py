@@ -22,6 +22,7 @@ table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -536,9 +537,6 @@ def readers_table(result: dict) -> str:
                         "raw-input drift: KL / top-1 / first divergence"], rows)])
 
 
-RAW_SETTING = "raw (this model)"  # vllm-umim fidelity --reference-model: the adapted model unmerged
-
-
 FIDELITY_FIGURES = {  # what a reader fidelity table shows: (heading, cell format)
     "first_divergence_mean": ("mean first divergence", "{:.1f}"),
     "kl_mean": ("mean KL per step", "{:.4f}"),
@@ -550,11 +548,13 @@ def reader_fidelity_table(readers: dict[str, dict], points: dict, figure: str = 
     model (one column per design: an adapted reader, or a module for the frozen model), beside the
     shipped points' (``operating-points.json``) at the same settings, the readers' own unmerged
     drift and the stock bf16 line. A setting one design lacks is "—"."""
+    from vllm_umim.evaluation.fidelity_run import RAW_ROW
+
     heading, fmt = FIDELITY_FIGURES[figure]
     first = next(iter(readers.values()))
     kinds = list(first["prompts"])
     settings = sorted(dict.fromkeys(name for r in readers.values() for name in r["figures"]),
-                      key=lambda name: name != RAW_SETTING)  # the drift row first, then in the files' order
+                      key=lambda name: name != RAW_ROW)  # the drift row first, then in the files' order
     cells = lambda figures: " / ".join(fmt.format(figures[k][figure]) for k in kinds)  # noqa: E731
     by_variant = {p["fidelity"]["variant"]: p for p in points["points"]}
     rows = [[f"`{name}` ({by_variant[name]['name']})" if name in by_variant else f"`{name}`",
@@ -609,13 +609,17 @@ def ceiling_page_text(text: str) -> str:
     from vllm_umim.evaluation.harness import render_table
 
     fidelity = sorted(READER_FIDELITY.glob("fidelity-*.json"))
+
+    @functools.cache
+    def designs_and_points() -> tuple[dict, dict]:  # read once for both fidelity tables
+        return ({path.stem.removeprefix("fidelity-"): load(path) for path in fidelity},
+                load(ARTIFACTS / POINTS_MODEL / "operating-points.json"))
+
     blocks = [
         (READERS_MARKERS, READERS.is_file(), lambda: readers_table(load(READERS))),
         (READERS_LM_EVAL_MARKERS, READERS_LM_EVAL.is_file(), lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n")),
-        *((markers, bool(fidelity),
-           lambda figure=figure: reader_fidelity_table({path.stem.removeprefix("fidelity-"): load(path) for path in fidelity},
-                                                       load(ARTIFACTS / POINTS_MODEL / "operating-points.json"), figure))
-          for markers, figure in ((READER_FIDELITY_MARKERS, "first_divergence_mean"), (READER_KL_MARKERS, "kl_mean"))),
+        (READER_FIDELITY_MARKERS, bool(fidelity), lambda: reader_fidelity_table(*designs_and_points(), "first_divergence_mean")),
+        (READER_KL_MARKERS, bool(fidelity), lambda: reader_fidelity_table(*designs_and_points(), "kl_mean")),
     ]
     for markers, committed, block in blocks:
         if committed:
