@@ -1,6 +1,7 @@
 """Proof of the engine: greedy fp32 output equals the HF reference runtime token for token.
 
-All 60 prompts go to the engine in one batch. A prompt may only differ where the reference itself
+The prompts of a test go to the engine in one batch; the reference decodes them one at a time
+(~1.3 s a prompt here: most of this file's time, so the counts below are what CI can afford). A prompt may only differ where the reference itself
 sees a near-tie (top-1 and top-2 logits within TIE of each other) at the first differing step —
 float rounding between vLLM's and HF's kernels; such prompts are listed, and must be rare.
 """
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 32
 TIE = 1e-3  # logits closer than this are a coin toss between kernels
 MAX_TIES = 3
+PROOF_PROMPTS = 40  # per merge mode
+STOCK_PROMPTS = 30
 
 
 def compare(outputs, references, prompts):
@@ -59,11 +62,11 @@ def merges_match_reference(outputs, references, ties) -> dict:
 def test_engine_equals_reference(umim_llm, reference_outputs, heldout_prompts, mode):
     from vllm_umim.policies import MergeSettings
 
+    prompts = heldout_prompts[:PROOF_PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": mode})
-    outputs = umim_llm.generate(token_prompts(heldout_prompts), params, use_tqdm=False)
-    references = reference_outputs(MergeSettings(mode=mode), heldout_prompts, MAX_TOKENS)
-    exact, ties = compare(outputs, references, heldout_prompts)
-    assert exact >= 50
+    outputs = umim_llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    references = reference_outputs(MergeSettings(mode=mode), prompts, MAX_TOKENS)
+    _, ties = compare(outputs, references, prompts)  # exact up to MAX_TIES near-ties
     merges = merges_match_reference(outputs, references, ties)
     assert (merges["decode"] > 0) == (mode == "dynamic")
     figures = [merge_stats(o) for o in outputs]
@@ -77,7 +80,7 @@ def test_engine_equals_reference(umim_llm, reference_outputs, heldout_prompts, m
     )
 
 
-POLICY_PROMPTS = 20
+POLICY_PROMPTS = 10
 POLICIES = [  # (name, per-request settings): each policy of vllm_umim.policies, in the modes it changes
     ("window-4-prompt", {"mode": "prompt", "window": 4}),
     ("window-4", {"mode": "dynamic", "window": 4}),
@@ -107,6 +110,7 @@ def test_engine_equals_reference_per_policy(umim_llm, reference_outputs, heldout
 
 def test_stock_vllm_equals_plain_hf(stock_llm, reference_outputs, heldout_prompts):
     """The baseline the tie rule rests on: without merging, vLLM and HF agree up to near-ties."""
-    outputs = stock_llm.generate(token_prompts(heldout_prompts), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    references = reference_outputs(None, heldout_prompts, MAX_TOKENS)
-    compare(outputs, references, heldout_prompts)
+    prompts = heldout_prompts[:STOCK_PROMPTS]
+    outputs = stock_llm.generate(token_prompts(prompts), SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    references = reference_outputs(None, prompts, MAX_TOKENS)
+    compare(outputs, references, prompts)

@@ -10,12 +10,13 @@ from vllm import SamplingParams
 
 from tests.engine.conftest import ENGINE_ARGS, RULES, engine_until_done, module_for_tests, token_prompts
 from tests.engine.test_engine_matches_reference import compare, merges_match_reference
+from vllm_umim.policies import MergeSettings
 from vllm_umim.reference import ReferenceRuntime
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = 20
-MAX_TOKENS = 24
+PROMPTS = 12
+MAX_TOKENS = 32  # as test_engine_matches_reference: the unrefined module's references are shared
 REFINED = 64  # n-grams with a residual: the spans merged most often in the test prompts
 
 
@@ -45,7 +46,7 @@ def refined_llm(model_dir, refined_module):
                                  **ENGINE_ARGS)
 
 
-def test_refined_module_engine_equals_reference(refined_llm, refined_module, reference_runtimes, hf_model, rules,
+def test_refined_module_engine_equals_reference(refined_llm, refined_module, reference_outputs, hf_model, rules,
                                                 heldout_prompts, tokenizer):
     prompts = heldout_prompts[:PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args={"umim": "dynamic"})
@@ -57,7 +58,7 @@ def test_refined_module_engine_equals_reference(refined_llm, refined_module, ref
     assert exact >= PROMPTS - 2
     merges = merges_match_reference(outputs, references, ties)
     assert merges["prefill"] > 0 and merges["decode"] > 0
-    unrefined = [reference_runtimes["dynamic"].generate(p, MAX_TOKENS, eos_token_ids=eos).output_token_ids for p in prompts]
+    unrefined = [r.output_token_ids for r in reference_outputs(MergeSettings(mode="dynamic"), prompts, MAX_TOKENS)]
     changed = sum(list(o.outputs[0].token_ids) != u for o, u in zip(outputs, unrefined))
     print(f"dynamic: {exact}/{PROMPTS} exact, {merges}, {changed} outputs changed by the refinement")
     assert changed > 0  # the residuals reach the model: an engine ignoring them would match the unrefined module
