@@ -16,7 +16,10 @@ table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) b
 ``<!-- readers:start -->`` and ``<!-- readers:end -->``, and their task accuracy (lm-eval's table of
 ``artifacts/<model>/readers/lm-eval/results.json``) between ``<!-- reader-lm-eval:start -->`` and
 ``<!-- reader-lm-eval:end -->``; its greedy fidelity against the base model
-(:func:`reader_fidelity_table`, from ``readers/fidelity-<reader>.json``) between ``<!-- reader-fidelity:start -->`` and ``<!-- reader-fidelity:end -->``.
+(:func:`reader_fidelity_table`, from ``readers/fidelity-<reader>.json``) between ``<!-- reader-fidelity:start -->`` and ``<!-- reader-fidelity:end -->``;
+the first divergence with the best vector per merged span (``benchmarks.oracle_divergence.divergence_table``,
+from ``artifacts/<model>/ceiling/divergence-<point>.json``) between ``<!-- oracle-divergence:start -->`` and
+``<!-- oracle-divergence:end -->``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ READERS_LM_EVAL_MARKERS = ("<!-- reader-lm-eval:start -->", "<!-- reader-lm-eval
 READER_FIDELITY = ARTIFACTS / POINTS_MODEL / "readers"  # fidelity-<reader>.json
 READER_FIDELITY_MARKERS = ("<!-- reader-fidelity:start -->", "<!-- reader-fidelity:end -->")
 READER_KL_MARKERS = ("<!-- reader-fidelity-kl:start -->", "<!-- reader-fidelity-kl:end -->")
+DIVERGENCE = ARTIFACTS / POINTS_MODEL / "ceiling"  # divergence-<point>.json: benchmarks/oracle_divergence.py
+DIVERGENCE_MARKERS = ("<!-- oracle-divergence:start -->", "<!-- oracle-divergence:end -->")
 
 
 def load(path: Path) -> dict | list:
@@ -606,9 +611,11 @@ def readme_with_summary(text: str) -> str:
 def ceiling_page_text(text: str) -> str:
     """docs/ceiling.md's text with each generated table between its markers, where its JSON is
     committed (unchanged otherwise)."""
+    from benchmarks.oracle_divergence import divergence_table
     from vllm_umim.evaluation.harness import render_table
 
     fidelity = sorted(READER_FIDELITY.glob("fidelity-*.json"))
+    divergence = {path.stem.removeprefix("divergence-"): load(path) for path in sorted(DIVERGENCE.glob("divergence-*.json"))}
 
     @functools.cache
     def designs_and_points() -> tuple[dict, dict]:  # read once for both fidelity tables
@@ -620,6 +627,7 @@ def ceiling_page_text(text: str) -> str:
         (READERS_LM_EVAL_MARKERS, READERS_LM_EVAL.is_file(), lambda: render_table(load(READERS_LM_EVAL)).rstrip("\n")),
         (READER_FIDELITY_MARKERS, bool(fidelity), lambda: reader_fidelity_table(*designs_and_points(), "first_divergence_mean")),
         (READER_KL_MARKERS, bool(fidelity), lambda: reader_fidelity_table(*designs_and_points(), "kl_mean")),
+        (DIVERGENCE_MARKERS, bool(divergence), lambda: divergence_table(divergence)),
     ]
     for markers, committed, block in blocks:
         if committed:
