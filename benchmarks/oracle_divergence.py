@@ -15,7 +15,9 @@ with a 16-token raw window), how far does the greedy path go when each merged sp
 All in HF fp32 on the frozen model, both paths decoded the same way (input embeddings, a KV
 cache), so a divergence comes from the surrogates only. Per variant: mean first divergence over
 32 tokens, the share equal for all 32, and the mean KL(unmerged || merged) along the unmerged path
-(teacher forcing). Prompts without a merged span count as equal in every variant.
+(teacher forcing). Prompts without a merged span count as equal in every variant. Surrogates go in
+as input embeddings unscaled, as in ``vllm_umim.evaluation.ceiling`` (SmolLM2; a model that scales
+its embeddings, like Gemma, is not handled here).
 
     python -m benchmarks.oracle_divergence --rules artifacts/smollm2-135m/balanced/rules.bin \
         --module artifacts/smollm2-135m/balanced/module.safetensors --settings '{"mode": "prompt", "window": 16}' \
@@ -27,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from vllm_umim.bench.tables import markdown_table
+from vllm_umim.errors import OptionError
 from vllm_umim.evaluation.ceiling import mean_kl, module_surrogates, oracle_batch, student_logprobs, teacher_logprobs
 from vllm_umim.evaluation.fidelity import first_divergence
 from vllm_umim.evaluation.fidelity_prompts import build_prompts, prompts_digest
@@ -47,6 +51,18 @@ LABELS = {
     "oracle-prompt": "oracle, fitted on the prompt's rows",
     "oracle-path": "oracle, fitted on the prompt and the measured path (in sample)",
 }
+
+
+@dataclass(frozen=True)
+class DivergenceSettings:
+    """Tokens compared, and the oracle's fit (as the ceiling's: Adam from the module's surrogates,
+    stopped after ``max_steps`` or when ``patience`` steps gain less than ``tol`` relative)."""
+
+    max_tokens: int = 32
+    lr: float = 3e-3
+    max_steps: int = 60
+    patience: int = 10
+    tol: float = 0.01
 
 
 def greedy(model, inputs_embeds: torch.Tensor, max_tokens: int) -> list[int]:
@@ -78,28 +94,28 @@ def with_continuation(seg: Segmentation, continuation: list[int]) -> Segmentatio
                         seg.starts + [n + i for i in range(len(continuation))], seg.ends + [n + i + 1 for i in range(len(continuation))])
 
 
-def measure_prompt(model, module, policy, prompt: list[int], args) -> dict:
+def measure_prompt(model, module, policy, prompt: list[int], settings: DivergenceSettings) -> dict:
     """First divergence and path KL of each variant on one prompt."""
-    raw = greedy(model, model.get_input_embeddings()(torch.tensor(prompt)).detach(), args.max_tokens)
+    n = settings.max_tokens
+    raw = greedy(model, model.get_input_embeddings()(torch.tensor(prompt)).detach(), n)
     seg = policy.segment([prompt])[0]
     result = {"tokens": len(prompt), "elements": seg.num_elements, "merged": seg.num_merged}
     if seg.num_merged == 0:
-        return {**result, **{v: {"first_divergence": args.max_tokens, "path_kl": 0.0} for v in VARIANTS}}
+        return {**result, **{v: {"first_divergence": n, "path_kl": 0.0} for v in VARIANTS}}
     prompt_batch = collate([seg])
     path_batch = collate([with_continuation(seg, raw[:-1])])  # its last rows predict raw[0] ... raw[-1]
     path_teacher = teacher_logprobs(model, path_batch)
     start = module_surrogates(model, prompt_batch, module)
-    fit = dict(lr=args.lr, max_steps=args.max_steps, patience=args.patience, tol=args.tol)
+    fit = dict(lr=settings.lr, max_steps=settings.max_steps, patience=settings.patience, tol=settings.tol)
     surrogates = {
         "module": start,
         "oracle-prompt": oracle_batch(model, prompt_batch, start, **fit)[0],
         "oracle-path": oracle_batch(model, path_batch, start, teacher=path_teacher, **fit)[0],
     }
     for variant, vectors in surrogates.items():
-        merged = greedy(model, prompt_embeds(model, prompt_batch, vectors), args.max_tokens)
+        merged = greedy(model, prompt_embeds(model, prompt_batch, vectors), n)
         with torch.no_grad():
-            rows = student_logprobs(model, path_batch, vectors)[-args.max_tokens:]
-            kl = float(mean_kl(path_teacher[-args.max_tokens:], rows))
+            kl = float(mean_kl(path_teacher[-n:], student_logprobs(model, path_batch, vectors)[-n:]))
         result[variant] = {"first_divergence": first_divergence(raw, merged), "path_kl": kl}
     return result
 
@@ -160,7 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", required=True, help="result file (rewritten after each kind)")
     args = parser.parse_args(argv)
+    try:
+        settings = MergeSettings(**json.loads(args.settings))
+    except (json.JSONDecodeError, TypeError, OptionError) as error:
+        parser.error(f"--settings: {error}")
     torch.set_num_threads(args.threads)
+    fit = DivergenceSettings(args.max_tokens, args.lr, args.max_steps, args.patience, args.tol)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,21 +194,20 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
     rules = load_rules(args.rules)
     module, _ = resolve_module(args.module, model.config.hidden_size, model_identity(model.config), rules.tokenizer_fingerprint)
-    settings = MergeSettings(**json.loads(args.settings))
     policy = settings.build(rules)
     result = {"model": args.model, "rules": args.rules, "module": args.module, "settings": settings.as_options(),
-              "max_tokens": args.max_tokens, "oracle": {"lr": args.lr, "max_steps": args.max_steps, "patience": args.patience, "tol": args.tol},
+              "max_tokens": fit.max_tokens, "oracle": {k: v for k, v in asdict(fit).items() if k != "max_tokens"},
               "kinds": {}}
     for kind in args.kinds.split(","):
         prompts = build_prompts(kind, tokenizer, args.prompts)
         began, per_prompt = time.time(), []
         for i, prompt in enumerate(prompts):
-            per_prompt.append(measure_prompt(model, module, policy, prompt.token_ids, args))
+            per_prompt.append(measure_prompt(model, module, policy, prompt.token_ids, fit))
             print(kind, i, {v: per_prompt[-1][v]["first_divergence"] for v in VARIANTS}, flush=True)
         tokens = sum(p["tokens"] for p in per_prompt)
         result["kinds"][kind] = {"prompts": len(prompts), "prompts_digest": prompts_digest(prompts),
                                  "prompt_tr": 1 - sum(p["elements"] for p in per_prompt) / tokens,
-                                 "seconds": round(time.time() - began, 1), "summary": summarize(per_prompt, args.max_tokens),
+                                 "seconds": round(time.time() - began, 1), "summary": summarize(per_prompt, fit.max_tokens),
                                  "per_prompt": per_prompt}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -4,19 +4,26 @@ path lowers the KL along it below the module's, and a prompt without a merge is 
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
-from benchmarks.oracle_divergence import VARIANTS, divergence_table, greedy, measure_prompt, summarize, with_continuation
+from benchmarks.oracle_divergence import (
+    VARIANTS,
+    DivergenceSettings,
+    divergence_table,
+    greedy,
+    main,
+    measure_prompt,
+    summarize,
+    with_continuation,
+)
 from tests.conftest import make_ruleset, tiny_llama
 from vllm_umim.module.batches import collate
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 from vllm_umim.policies import MergeSettings
 
 PROMPT = [20, 1, 2, 21, 3, 4, 22, 5, 6, 7, 23, 24, 1, 2, 25, 26, 27, 3, 4]
-ARGS = argparse.Namespace(max_tokens=8, lr=3e-2, max_steps=20, patience=50, tol=0.01)
+ARGS = DivergenceSettings(max_tokens=8, lr=3e-2, max_steps=20, patience=50, tol=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +73,10 @@ def test_a_prompt_without_a_merge_is_equal_in_every_variant(toy):
     result = measure_prompt(model, module, policy, [20, 21, 22, 23, 24, 25], ARGS)
     assert result["merged"] == 0
     assert all(result[v] == {"first_divergence": ARGS.max_tokens, "path_kl": 0.0} for v in VARIANTS)
+
+
+@pytest.mark.parametrize("settings", ['{"mode": "prompt"', '{"mode": "sometimes"}', '{"windo": 4}'])
+def test_bad_settings_are_one_clear_error(settings, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--settings", settings, "--json", str(tmp_path / "out.json")])
+    assert "--settings:" in capsys.readouterr().err and not (tmp_path / "out.json").exists()
