@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 32
 TIE = 1e-3  # logits closer than this are a coin toss between kernels
 MAX_TIES = 3
-PROOF_PROMPTS = 40  # per merge mode
-STOCK_PROMPTS = 30
+PROOF_PROMPTS = 30  # per merge mode
+STOCK_PROMPTS = 20
 
 
 def compare(outputs, references, prompts):
