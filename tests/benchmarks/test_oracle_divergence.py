@@ -1,6 +1,7 @@
 """benchmarks/oracle_divergence.py on the tiny random Llama: the path batch's last rows are the
 continuation's, greedy decoding from embeddings is plain greedy decoding, fitting on the measured
-path lowers the KL along it below the module's, and a prompt without a merge is equal everywhere."""
+path lowers the KL along it below the module's, a prompt without a merge is equal everywhere, and
+bad ``--settings`` are one clear error before any model loads."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 from vllm_umim.policies import MergeSettings
 
 PROMPT = [20, 1, 2, 21, 3, 4, 22, 5, 6, 7, 23, 24, 1, 2, 25, 26, 27, 3, 4]
-ARGS = DivergenceSettings(max_tokens=8, lr=3e-2, max_steps=20, patience=50, tol=0.01)
+FIT = DivergenceSettings(max_tokens=8, lr=3e-2, max_steps=20, patience=50, tol=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,11 @@ def test_path_batch_ends_with_the_continuation_rows(toy):
 def test_fitting_on_the_path_lowers_its_kl(toy):
     model, module, _ = toy
     policy = MergeSettings(mode="prompt").build(make_ruleset([(1, 2), (3, 4), (5, 6, 7)]))  # a merge just before the path
-    result = measure_prompt(model, module, policy, PROMPT, ARGS)
+    result = measure_prompt(model, module, policy, PROMPT, FIT)
     assert (result["tokens"], result["merged"]) == (len(PROMPT), 5)
     assert result["oracle-path"]["path_kl"] < 0.5 * result["module"]["path_kl"]
-    assert all(0 <= result[v]["first_divergence"] <= ARGS.max_tokens for v in VARIANTS)
-    summary = summarize([result], ARGS.max_tokens)
+    assert all(0 <= result[v]["first_divergence"] <= FIT.max_tokens for v in VARIANTS)
+    summary = summarize([result], FIT.max_tokens)
     assert summary["module"]["first_divergence"] == [result["module"]["first_divergence"]]
     kind = {"summary": summary, "prompts": 1, "prompt_tr": 0.25}
     result = {"max_tokens": 8, "settings": {"mode": "prompt", "window": 0}, "kinds": {"wiki": kind, "gsm8k": kind}}
@@ -70,9 +71,9 @@ def test_fitting_on_the_path_lowers_its_kl(toy):
 
 def test_a_prompt_without_a_merge_is_equal_in_every_variant(toy):
     model, module, policy = toy
-    result = measure_prompt(model, module, policy, [20, 21, 22, 23, 24, 25], ARGS)
+    result = measure_prompt(model, module, policy, [20, 21, 22, 23, 24, 25], FIT)
     assert result["merged"] == 0
-    assert all(result[v] == {"first_divergence": ARGS.max_tokens, "path_kl": 0.0} for v in VARIANTS)
+    assert all(result[v] == {"first_divergence": FIT.max_tokens, "path_kl": 0.0} for v in VARIANTS)
 
 
 @pytest.mark.parametrize("settings", ['{"mode": "prompt"', '{"mode": "sometimes"}', '{"windo": 4}'])
