@@ -36,8 +36,8 @@ import torch
 
 from vllm_umim.bench.tables import markdown_table
 from vllm_umim.errors import OptionError
-from vllm_umim.evaluation.ceiling import mean_kl, module_surrogates, oracle_batch, student_logprobs, teacher_logprobs
-from vllm_umim.evaluation.fidelity import first_divergence
+from vllm_umim.evaluation.ceiling import mean_kl, module_surrogates, oracle_batch, student_inputs, student_logprobs, teacher_logprobs
+from vllm_umim.evaluation.fidelity import equal_share, first_divergence
 from vllm_umim.evaluation.fidelity_prompts import build_prompts, prompts_digest
 from vllm_umim.evaluation.paired import paired_difference
 from vllm_umim.module.batches import Segmentation, collate
@@ -79,14 +79,6 @@ def greedy(model, inputs_embeds: torch.Tensor, max_tokens: int) -> list[int]:
     return tokens
 
 
-def prompt_embeds(model, batch, surrogates: torch.Tensor) -> torch.Tensor:
-    """The merged prompt's input embeddings [M, d]: token embeddings, surrogates at merged elements."""
-    embedding = model.get_input_embeddings()
-    with torch.no_grad():
-        inputs = embedding(batch.element_tokens[0, :, 0].clamp(min=0))
-        return inputs.masked_scatter(batch.merged_mask[0, :, None], surrogates.to(inputs.dtype))
-
-
 def with_continuation(seg: Segmentation, continuation: list[int]) -> Segmentation:
     """The prompt's segmentation followed by ``continuation`` as plain tokens."""
     n = len(seg.tokens)
@@ -113,8 +105,8 @@ def measure_prompt(model, module, policy, prompt: list[int], settings: Divergenc
         "oracle-path": oracle_batch(model, path_batch, start, teacher=path_teacher, **fit)[0],
     }
     for variant, vectors in surrogates.items():
-        merged = greedy(model, prompt_embeds(model, prompt_batch, vectors), n)
         with torch.no_grad():
+            merged = greedy(model, student_inputs(model, prompt_batch, vectors)[0], n)
             kl = float(mean_kl(path_teacher[-n:], student_logprobs(model, path_batch, vectors)[-n:]))
         result[variant] = {"first_divergence": first_divergence(raw, merged), "path_kl": kl}
     return result
@@ -125,7 +117,7 @@ def summarize(per_prompt: list[dict], max_tokens: int) -> dict:
     for variant in VARIANTS:
         fd = [p[variant]["first_divergence"] for p in per_prompt]
         kl = [p[variant]["path_kl"] for p in per_prompt]
-        out[variant] = {"first_divergence_mean": sum(fd) / len(fd), "equal_share": sum(f == max_tokens for f in fd) / len(fd),
+        out[variant] = {"first_divergence_mean": sum(fd) / len(fd), "equal_share": equal_share(fd, max_tokens),
                         "path_kl_mean": sum(kl) / len(kl), "first_divergence": fd}
     return out
 
@@ -147,14 +139,14 @@ def divergence_table(results: dict[str, dict]) -> str:
     for point, result in results.items():
         summaries = [result["kinds"][kind]["summary"] for kind in kinds]
         settings = ", ".join(f"{k} {v}" for k, v in result["settings"].items() if v)
+        lead = [f"{point} ({settings})", " / ".join(str(result["kinds"][k]["prompts"]) for k in kinds),
+                " / ".join(f"{100 * result['kinds'][k]['prompt_tr']:.1f}" for k in kinds)]  # on the point's first row
         for variant in VARIANTS:
             paired = "—" if variant == "module" else " / ".join(
                 "{0.estimate:+.1f} [{0.low:+.1f}, {0.high:+.1f}]".format(
                     paired_difference(s[variant]["first_divergence"], s["module"]["first_divergence"])) for s in summaries)
-            rows.append([f"{point} ({settings})" if variant == "module" else "",
-                         " / ".join(str(result["kinds"][k]["prompts"]) for k in kinds) if variant == "module" else "",
-                         " / ".join(f"{100 * result['kinds'][k]['prompt_tr']:.1f}" for k in kinds) if variant == "module" else "",
-                         LABELS[variant], " / ".join(f"{s[variant]['first_divergence_mean']:.1f}" for s in summaries), paired,
+            rows.append([*(lead if variant == VARIANTS[0] else [""] * len(lead)), LABELS[variant],
+                         " / ".join(f"{s[variant]['first_divergence_mean']:.1f}" for s in summaries), paired,
                          " / ".join(f"{100 * s[variant]['equal_share']:.0f}" for s in summaries),
                          " / ".join(f"{s[variant]['path_kl_mean']:.3f}" for s in summaries)])
     return markdown_table(header, rows)

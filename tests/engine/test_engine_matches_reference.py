@@ -1,9 +1,10 @@
 """Proof of the engine: greedy fp32 output equals the HF reference runtime token for token.
 
 The prompts of a test go to the engine in one batch; the reference decodes them one at a time
-(~1.3 s a prompt here: most of this file's time, so the counts below are what CI can afford). A prompt may only differ where the reference itself
-sees a near-tie (top-1 and top-2 logits within TIE of each other) at the first differing step —
-float rounding between vLLM's and HF's kernels; such prompts are listed, and must be rare.
+(~1.3 s a prompt here: most of this file's time, so the counts below are what CI can afford).
+A prompt may only differ where the reference itself sees a near-tie (top-1 and top-2 logits within
+TIE of each other) at the first differing step — float rounding between vLLM's and HF's kernels;
+such prompts are listed, and must be rare.
 """
 
 from __future__ import annotations

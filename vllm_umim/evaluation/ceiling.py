@@ -271,13 +271,19 @@ def teacher_logprobs(model, batch: Batch) -> torch.Tensor:
         return logits[batch.teacher_mask].float().log_softmax(-1)
 
 
-def student_logprobs(model, batch: Batch, surrogates: torch.Tensor) -> torch.Tensor:
-    """Student log-probabilities at the aligned rows [R, V] with ``surrogates`` [S, d] standing in
-    for the batch's merged elements (row-major order); differentiable in ``surrogates``."""
+def student_inputs(model, batch: Batch, surrogates: torch.Tensor) -> torch.Tensor:
+    """The batch's compressed input embeddings [B, M, d]: token embeddings, ``surrogates`` [S, d] at
+    the merged elements (row-major order), zeros at padding; differentiable in ``surrogates``."""
     embedding = model.get_input_embeddings()
     inputs = embedding(batch.element_tokens[:, :, 0].clamp(min=0))
     inputs = inputs.masked_scatter(batch.merged_mask[..., None], surrogates.to(inputs.dtype))
-    inputs = inputs * batch.attention_mask[..., None].to(inputs.dtype)
+    return inputs * batch.attention_mask[..., None].to(inputs.dtype)
+
+
+def student_logprobs(model, batch: Batch, surrogates: torch.Tensor) -> torch.Tensor:
+    """Student log-probabilities at the aligned rows [R, V] with ``surrogates`` [S, d] standing in
+    for the batch's merged elements (row-major order); differentiable in ``surrogates``."""
+    inputs = student_inputs(model, batch, surrogates)
     logits = model(inputs_embeds=inputs, attention_mask=batch.attention_mask).logits
     return logits[batch.loss_mask].float().log_softmax(-1)
 
