@@ -19,7 +19,9 @@ table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) b
 (:func:`reader_fidelity_table`, from ``readers/fidelity-<reader>.json``) between ``<!-- reader-fidelity:start -->`` and ``<!-- reader-fidelity:end -->``;
 the first divergence with the best vector per merged span (``benchmarks.oracle_divergence.divergence_table``,
 from ``artifacts/<model>/ceiling/divergence-<point>.json``) between ``<!-- oracle-divergence:start -->`` and
-``<!-- oracle-divergence:end -->``.
+``<!-- oracle-divergence:end -->``; the modules that read the model's state (``benchmarks.state_reader.state_reader_table``,
+from ``artifacts/<model>/ceiling/state-reader-<layer>.json``) between ``<!-- state-reader:start -->`` and
+``<!-- state-reader:end -->``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ READER_FIDELITY_MARKERS = ("<!-- reader-fidelity:start -->", "<!-- reader-fideli
 READER_KL_MARKERS = ("<!-- reader-fidelity-kl:start -->", "<!-- reader-fidelity-kl:end -->")
 DIVERGENCE = ARTIFACTS / POINTS_MODEL / "ceiling"  # divergence-<point>.json: benchmarks/oracle_divergence.py
 DIVERGENCE_MARKERS = ("<!-- oracle-divergence:start -->", "<!-- oracle-divergence:end -->")
+STATE_READER_MARKERS = ("<!-- state-reader:start -->", "<!-- state-reader:end -->")  # state-reader-<layer>.json: benchmarks/state_reader.py
 
 
 def load(path: Path) -> dict | list:
@@ -612,10 +615,12 @@ def ceiling_page_text(text: str) -> str:
     """docs/ceiling.md's text with each generated table between its markers, where its JSON is
     committed (unchanged otherwise)."""
     from benchmarks.oracle_divergence import divergence_table
+    from benchmarks.state_reader import state_reader_table
     from vllm_umim.evaluation.harness import render_table
 
     fidelity = sorted(READER_FIDELITY.glob("fidelity-*.json"))
     divergence = {path.stem.removeprefix("divergence-"): load(path) for path in sorted(DIVERGENCE.glob("divergence-*.json"))}
+    state_readers = {path.stem: load(path) for path in sorted(DIVERGENCE.glob("state-reader-*.json"))}
 
     @functools.cache
     def designs_and_points() -> tuple[dict, dict]:  # read once for both fidelity tables
@@ -628,6 +633,7 @@ def ceiling_page_text(text: str) -> str:
         (READER_FIDELITY_MARKERS, bool(fidelity), lambda: reader_fidelity_table(*designs_and_points(), "first_divergence_mean")),
         (READER_KL_MARKERS, bool(fidelity), lambda: reader_fidelity_table(*designs_and_points(), "kl_mean")),
         (DIVERGENCE_MARKERS, bool(divergence), lambda: divergence_table(divergence)),
+        (STATE_READER_MARKERS, bool(state_readers), lambda: state_reader_table(state_readers)),
     ]
     for markers, committed, block in blocks:
         if committed:
