@@ -41,10 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.oracle_divergence import greedy
+from vllm_umim.errors import CheckpointError
 from vllm_umim.evaluation.ceiling import mean_kl, module_surrogates, row_metrics, student_inputs, student_logprobs
 from vllm_umim.evaluation.fidelity import equal_share, first_divergence
 from vllm_umim.evaluation.paired import paired_difference
 from vllm_umim.module.batches import Batch, collate, segment
+from vllm_umim.training.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "smollm2-135m"
@@ -68,6 +71,10 @@ class StateReader(nn.Module):
 
 @dataclass(frozen=True)
 class ReaderSettings:
+    """Which state is read (after ``layer`` decoder layers), the correction's hidden ``width``, and
+    the training run: ``train_windows`` windows of ``seq_len`` tokens of the training mix, in batches
+    of ``batch_windows``, ``epochs`` passes, Adam at ``lr`` with ``warmup`` steps then cosine."""
+
     layer: int = 4
     width: int = 576
     seq_len: int = 256
@@ -101,18 +108,19 @@ def _warmup_cosine(warmup: int, total: int):
 
 
 def train_reader(model, module, reader: StateReader, train: list[Batch], settings: ReaderSettings, checkpoint: Path | None = None, log=print) -> list[float]:
-    """Fit ``reader`` (Adam, cosine) on ``train``; the frozen model and module stay fixed. Resumes
-    from ``checkpoint`` (saved after each epoch). Returns the mean training KL per epoch."""
+    """Fit ``reader`` (Adam, warm-up then cosine) on ``train``; the frozen model and module stay
+    fixed. Resumes from ``checkpoint`` (safetensors, :mod:`vllm_umim.training.checkpoint`, written
+    after each epoch; one from other settings is refused). Returns the mean training KL per epoch."""
     optimizer = torch.optim.Adam(reader.parameters(), lr=settings.lr)
     total = settings.epochs * len(train)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings.warmup, total))
     done, curve = 0, []
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        reader.load_state_dict(state["reader"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        done, curve = int(state["epochs"]), list(state["curve"])
+        counters = load_checkpoint(checkpoint, reader, optimizer, schedule)
+        if counters.get("settings") != asdict(settings):
+            raise CheckpointError(f"{checkpoint}: written by a run with other settings ({counters.get('settings')}); "
+                                  "remove it or rerun with those settings")
+        done, curve = int(counters["epochs"]), list(counters["curve"])
     for epoch in range(done, settings.epochs):
         began, losses = time.time(), []
         for batch in train:
@@ -126,8 +134,7 @@ def train_reader(model, module, reader: StateReader, train: list[Batch], setting
         curve.append(sum(losses) / len(losses))
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"reader": reader.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "epochs": epoch + 1, "curve": curve}, checkpoint)
+            save_checkpoint(checkpoint, reader, optimizer, schedule, {"epochs": epoch + 1, "curve": curve, "settings": asdict(settings)})
         log(f"epoch {epoch + 1}: training KL {curve[-1]:.4f} ({time.time() - began:.0f} s)")
     return curve
 
@@ -148,12 +155,6 @@ def heldout_rows(model, module, reader: StateReader, batches: list[Batch], layer
 
 def _cat(parts):
     return {k: np.concatenate([p[k] for p in parts]) for k in ("kl", "top1")}
-
-
-def greedy(model, inputs_embeds: torch.Tensor, max_tokens: int) -> list[int]:
-    from benchmarks.oracle_divergence import greedy as greedy_from_embeddings
-
-    return greedy_from_embeddings(model, inputs_embeds, max_tokens)
 
 
 def prompt_divergence(model, module, reader: StateReader, policy, prompt: list[int], layer: int, max_tokens: int) -> dict:
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=20, help="fidelity prompts per kind")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", default="~/.cache/vllm_umim/corpora/mix/train-mix.jsonl", help="training text (the training mix)")
-    parser.add_argument("--checkpoint", default=None, help="reader checkpoint (resumed; not a result to commit)")
+    parser.add_argument("--checkpoint", default=None, help="reader checkpoint, .safetensors (resumed; not a result to commit)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args(argv)
     mix = Path(args.corpus).expanduser()

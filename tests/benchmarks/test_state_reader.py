@@ -1,6 +1,6 @@
 """benchmarks/state_reader.py on the tiny random Llama: the state is the unmerged hidden state at each
-span's last token, an untrained reader is exactly the module, training lowers the KL and a resumed
-run ends where an uninterrupted one does."""
+span's last token, an untrained reader is exactly the module, training lowers the KL, a resumed
+run ends where an uninterrupted one does (and one with other settings is refused), and the table."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from benchmarks.state_reader import (
     train_reader,
 )
 from tests.conftest import make_ruleset, tiny_llama
+from vllm_umim.errors import CheckpointError
 from vllm_umim.evaluation.ceiling import module_surrogates
 from vllm_umim.module.batches import collate, segment
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
@@ -61,7 +62,7 @@ def test_training_lowers_the_kl_and_resumes_to_the_same_reader(toy, tmp_path):
     assert curve[-1] < 0.9 * curve[0]
 
     torch.manual_seed(1)
-    checkpoint = tmp_path / "reader.pt"
+    checkpoint = tmp_path / "reader.safetensors"
 
     def killed_after_first_epoch(_):
         raise KeyboardInterrupt
@@ -71,6 +72,8 @@ def test_training_lowers_the_kl_and_resumes_to_the_same_reader(toy, tmp_path):
     resumed = StateReader(32, 16)
     assert train_reader(model, module, resumed, [batch], SETTINGS, checkpoint, log=lambda _: None) == curve
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
+    with pytest.raises(CheckpointError, match="other settings"):
+        train_reader(model, module, StateReader(32, 16), [batch], ReaderSettings(**{**SETTINGS.__dict__, "lr": 1e-3}), checkpoint)
 
 
 def test_the_table_has_a_row_per_reader_and_the_paired_difference():
