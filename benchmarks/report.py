@@ -20,7 +20,7 @@ table (:func:`readers_table`, from ``artifacts/<model>/readers/readers.json``) b
 the first divergence with the best vector per merged span (``benchmarks.oracle_divergence.divergence_table``,
 from ``artifacts/<model>/ceiling/divergence-<point>.json``) between ``<!-- oracle-divergence:start -->`` and
 ``<!-- oracle-divergence:end -->``; the modules that read the model's state (``benchmarks.state_reader.state_reader_table``,
-from ``artifacts/<model>/ceiling/state-reader-<layer>.json``) between ``<!-- state-reader:start -->`` and
+from ``artifacts/<model>/ceiling/state-reader-*.json``) between ``<!-- state-reader:start -->`` and
 ``<!-- state-reader:end -->``.
 """
 
@@ -59,7 +59,7 @@ READER_FIDELITY_MARKERS = ("<!-- reader-fidelity:start -->", "<!-- reader-fideli
 READER_KL_MARKERS = ("<!-- reader-fidelity-kl:start -->", "<!-- reader-fidelity-kl:end -->")
 DIVERGENCE = ARTIFACTS / POINTS_MODEL / "ceiling"  # divergence-<point>.json: benchmarks/oracle_divergence.py
 DIVERGENCE_MARKERS = ("<!-- oracle-divergence:start -->", "<!-- oracle-divergence:end -->")
-STATE_READER_MARKERS = ("<!-- state-reader:start -->", "<!-- state-reader:end -->")  # state-reader-<layer>.json: benchmarks/state_reader.py
+STATE_READER_MARKERS = ("<!-- state-reader:start -->", "<!-- state-reader:end -->")  # state-reader-*.json: benchmarks/state_reader.py
 
 
 def load(path: Path) -> dict | list:
