@@ -37,13 +37,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from benchmarks.oracle_divergence import greedy
 from vllm_umim.errors import CheckpointError
-from vllm_umim.evaluation.ceiling import mean_kl, module_surrogates, row_metrics, student_inputs, student_logprobs
+from vllm_umim.evaluation.ceiling import Split, evaluate, mean_kl, module_surrogates, student_inputs, student_logprobs, summarize
 from vllm_umim.evaluation.fidelity import equal_share, first_divergence
 from vllm_umim.evaluation.paired import paired_difference
 from vllm_umim.module.batches import Batch, collate, segment
@@ -99,10 +98,6 @@ def teacher_and_states(model, batch: Batch, layer: int) -> tuple[torch.Tensor, t
         return out.logits[batch.teacher_mask].float().log_softmax(-1), span_states(out.hidden_states[layer], batch)
 
 
-def reader_surrogates(model, batch: Batch, module, reader: StateReader, states: torch.Tensor) -> torch.Tensor:
-    return reader(states, module_surrogates(model, batch, module))
-
-
 def _warmup_cosine(warmup: int, total: int):
     return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
 
@@ -125,7 +120,7 @@ def train_reader(model, module, reader: StateReader, train: list[Batch], setting
         began, losses = time.time(), []
         for batch in train:
             teacher, states = teacher_and_states(model, batch, settings.layer)
-            loss = mean_kl(teacher, student_logprobs(model, batch, reader_surrogates(model, batch, module, reader, states)))
+            loss = mean_kl(teacher, student_logprobs(model, batch, reader(states, module_surrogates(model, batch, module))))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -139,27 +134,35 @@ def train_reader(model, module, reader: StateReader, train: list[Batch], setting
     return curve
 
 
-def heldout_rows(model, module, reader: StateReader, batches: list[Batch], layer: int) -> dict[str, dict[str, np.ndarray]]:
-    """Per aligned row, for the module alone and with the reader: KL, top-1 (and whether the row
-    sits at a merged element)."""
-    out = {"module": [], "reader": [], "merged": []}
-    for batch in batches:
-        teacher, states = teacher_and_states(model, batch, layer)
+def heldout_summary(model, module, reader: StateReader, heldout: Split, layer: int) -> dict:
+    """KL and top-1 over the held-out split's aligned rows, all and at merged elements, for the module
+    alone and with the reader (the ceiling's :func:`~vllm_umim.evaluation.ceiling.evaluate`; one
+    unmerged pass per batch gives both the teacher and the states)."""
+    teachers, surrogates = {}, {"module": [], "reader": []}
+    for i, batch in enumerate(heldout.batches):
+        teachers[i], states = teacher_and_states(model, batch, layer)
         with torch.no_grad():
             base = module_surrogates(model, batch, module)
-            out["module"].append(row_metrics(teacher, student_logprobs(model, batch, base)))
-            out["reader"].append(row_metrics(teacher, student_logprobs(model, batch, reader(states, base))))
-        out["merged"].append(batch.merged_mask[batch.loss_mask].numpy())
-    return {"module": _cat(out["module"]), "reader": _cat(out["reader"]), "merged": np.concatenate(out["merged"])}
+            surrogates["module"].append(base)
+            surrogates["reader"].append(reader(states, base))
+    merged = torch.cat(heldout.row_merged).numpy()
+    out = {}
+    for name, vectors in surrogates.items():
+        rows = evaluate(model, heldout, vectors.__getitem__, teachers)
+        every, at_merged = summarize(rows), summarize(rows, merged)
+        out[name] = {"kl_all": every["kl"], "top1_all": every["top1"], "kl_merged": at_merged["kl"], "top1_merged": at_merged["top1"]}
+    out["rows"] = len(merged)
+    return out
 
 
-def _cat(parts):
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("kl", "top1")}
+def unmerged_path(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """The unmerged greedy continuation every variant is compared against."""
+    return greedy(model, model.get_input_embeddings()(torch.tensor(prompt)), max_tokens)
 
 
-def prompt_divergence(model, module, reader: StateReader, policy, prompt: list[int], layer: int, max_tokens: int) -> dict:
-    """First divergence from the unmerged greedy path with the module's and the reader's surrogates."""
-    raw = greedy(model, model.get_input_embeddings()(torch.tensor(prompt)), max_tokens)
+def prompt_divergence(model, module, reader: StateReader, policy, prompt: list[int], raw: list[int], layer: int) -> dict:
+    """First divergence from ``raw`` (:func:`unmerged_path`) with the module's and the reader's surrogates."""
+    max_tokens = len(raw)
     seg = policy.segment([prompt])[0]
     result = {"tokens": len(prompt), "elements": seg.num_elements}
     if seg.num_merged == 0:
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     train_windows, _ = corpus_windows(mix, tokenizer, settings.seq_len, settings.train_windows * settings.seq_len, 32, 0)
     train = [collate(segment(train_windows[i : i + settings.batch_windows], rules)) for i in range(0, len(train_windows), settings.batch_windows)]
     heldout_windows, _ = corpus_windows(fetch_corpus("wiki") / "heldout.txt", tokenizer, 64, 96 * 64, 0, 0)  # the ceiling's windows
-    heldout = [collate(segment(heldout_windows[i : i + 8], rules)) for i in range(0, len(heldout_windows), 8)]
+    heldout = Split.build(heldout_windows, rules, 8)
 
     torch.manual_seed(0)
     reader = StateReader(model.config.hidden_size, settings.width)
@@ -255,24 +258,20 @@ def main(argv: list[str] | None = None) -> None:
               "train_seconds": round(time.time() - began, 1), "train_kl": curve,
               "parameters": sum(p.numel() for p in reader.parameters())}
     reader.eval()
-    rows = heldout_rows(model, module, reader, heldout, settings.layer)
-    merged = rows["merged"]
-    result["heldout"] = {name: {"kl_all": float(rows[name]["kl"].mean()), "top1_all": float(rows[name]["top1"].mean()),
-                                "kl_merged": float(rows[name]["kl"][merged].mean()), "top1_merged": float(rows[name]["top1"][merged].mean())}
-                         for name in ("module", "reader")}
-    result["heldout"]["rows"] = int(len(merged))
+    result["heldout"] = heldout_summary(model, module, reader, heldout, settings.layer)
     print(json.dumps(result["heldout"]), flush=True)
+    prompts = {kind: build_prompts(kind, tokenizer, args.prompts) for kind in ("wiki", "gsm8k")}
+    raw = {kind: [unmerged_path(model, p.token_ids, 32) for p in prompts[kind]] for kind in prompts}  # the same for every point
     result["points"] = {}
     for point, options in POINTS.items():
         policy = MergeSettings(**options).build(rules)
         result["points"][point] = {"settings": options, "kinds": {}}
-        for kind in ("wiki", "gsm8k"):
-            prompts = build_prompts(kind, tokenizer, args.prompts)
-            per = [prompt_divergence(model, module, reader, policy, p.token_ids, settings.layer, 32) for p in prompts]
+        for kind in prompts:
+            per = [prompt_divergence(model, module, reader, policy, p.token_ids, path, settings.layer) for p, path in zip(prompts[kind], raw[kind])]
             fd = {name: [p[name] for p in per] for name in ("module", "reader")}
             diff = paired_difference(fd["reader"], fd["module"])
             result["points"][point]["kinds"][kind] = {
-                "prompts": len(per), "prompts_digest": prompts_digest(prompts),
+                "prompts": len(per), "prompts_digest": prompts_digest(prompts[kind]),
                 "prompt_tr": 1 - sum(p["elements"] for p in per) / sum(p["tokens"] for p in per),
                 "first_divergence": fd, "module_mean": sum(fd["module"]) / len(per), "reader_mean": sum(fd["reader"]) / len(per),
                 "reader_equal_share": equal_share(fd["reader"], 32),

@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.state_reader import (
     ReaderSettings,
+    heldout_summary,
     main,
     StateReader,
     prompt_divergence,
@@ -16,10 +17,11 @@ from benchmarks.state_reader import (
     state_reader_table,
     teacher_and_states,
     train_reader,
+    unmerged_path,
 )
 from tests.conftest import make_ruleset, tiny_llama
 from vllm_umim.errors import CheckpointError
-from vllm_umim.evaluation.ceiling import module_surrogates
+from vllm_umim.evaluation.ceiling import Split, module_surrogates
 from vllm_umim.module.batches import collate, segment
 from vllm_umim.module.merge_module import MergeModule, MergeModuleConfig
 from vllm_umim.policies import MergeSettings
@@ -50,7 +52,8 @@ def test_an_untrained_reader_is_the_module(toy):
     _, states = teacher_and_states(model, batch, layer=1)
     base = module_surrogates(model, batch, module)
     assert torch.equal(StateReader(32, 16)(states, base), base)
-    result = prompt_divergence(model, module, StateReader(32, 16), MergeSettings(mode="prompt").build(rules), WINDOWS[0], 1, 8)
+    policy = MergeSettings(mode="prompt").build(rules)
+    result = prompt_divergence(model, module, StateReader(32, 16), policy, WINDOWS[0], unmerged_path(model, WINDOWS[0], 8), 1)
     assert result["module"] == result["reader"] and result["elements"] < result["tokens"]
 
 
@@ -94,3 +97,10 @@ def test_a_missing_training_text_is_one_clear_error_before_any_model_loads(tmp_p
         main(["--corpus", str(tmp_path / "absent.jsonl"), "--json", str(tmp_path / "out.json")])
     assert "absent.jsonl is missing: build it with vllm-umim training-mix" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_heldout_summary_counts_every_aligned_row_and_an_untrained_reader_scores_as_the_module(toy):
+    model, module, rules, _ = toy
+    summary = heldout_summary(model, module, StateReader(32, 16), Split.build(WINDOWS, rules, 1), layer=1)
+    assert summary["rows"] == 7 + 8 and summary["module"] == summary["reader"]  # elements from each window's first merge on
+    assert summary["module"]["kl_merged"] > 0 and 0 <= summary["module"]["top1_all"] <= 1
