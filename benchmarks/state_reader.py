@@ -193,7 +193,9 @@ def state_reader_table(results: dict[str, dict]) -> str:
     rows = []
     for result in sorted(results.values(), key=lambda r: (r["settings"]["layer"], r["settings"]["width"], r["train_tokens"])):
         held, s = result["heldout"], result["settings"]
-        cells = [f"state after {s['layer']} layers; width {s['width']}, lr {s['lr']:g}", f"{result['parameters']:,}",
+        cells = [f"state after {s['layer']} layers; width {s['width']}, lr {s['lr']:g}; "
+                 f"{s['epochs']} epochs × {result['train_tokens'] // (s['epochs'] * s['seq_len'])} windows",
+                 f"{result['parameters']:,}",
                  f"{result['train_tokens']:,} ({result['train_seconds']:.0f})",
                  f"{held['module']['kl_all']:.3f} / {100 * held['module']['top1_all']:.1f} % → {held['reader']['kl_all']:.3f} / {100 * held['reader']['top1_all']:.1f} %",
                  f"{held['module']['kl_merged']:.3f} / {100 * held['module']['top1_merged']:.1f} % → {held['reader']['kl_merged']:.3f} / {100 * held['reader']['top1_merged']:.1f} %"]

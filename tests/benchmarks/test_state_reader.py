@@ -82,12 +82,13 @@ def test_training_lowers_the_kl_and_resumes_to_the_same_reader(toy, tmp_path):
 def test_the_table_has_a_row_per_reader_and_the_paired_difference():
     kind = {"prompt_tr": 0.25, "module_mean": 4.0, "reader_mean": 6.5, "difference": {"estimate": 2.5, "low": 0.5, "high": 4.5}}
     held = {"kl_all": 0.7, "top1_all": 0.6, "kl_merged": 1.3, "top1_merged": 0.46}
-    result = {"settings": {"layer": 4, "width": 576, "lr": 2e-4}, "parameters": 1000, "train_tokens": 2048, "train_seconds": 12.0,
+    settings = {"layer": 4, "width": 576, "lr": 2e-4, "epochs": 2, "seq_len": 256}
+    result = {"settings": settings, "parameters": 1000, "train_tokens": 2048, "train_seconds": 12.0,
               "heldout": {"module": held, "reader": {**held, "kl_all": 0.5}},
               "points": {"balanced": {"kinds": {"wiki": kind, "gsm8k": kind}}, "faithful": {"kinds": {"wiki": kind, "gsm8k": kind}}}}
-    table = state_reader_table({"state-reader-4": result, "state-reader-30": {**result, "settings": {"layer": 30, "width": 576, "lr": 2e-4}}})
+    table = state_reader_table({"state-reader-4": result, "state-reader-30": {**result, "settings": {**settings, "layer": 30}}})
     lines = table.splitlines()
-    assert len(lines) == 4 and "state after 4 layers" in lines[2] and "state after 30 layers" in lines[3]
+    assert len(lines) == 4 and "state after 4 layers; width 576, lr 0.0002; 2 epochs × 4 windows" in lines[2] and "state after 30 layers" in lines[3]
     assert "0.700 / 60.0 % → 0.500 / 60.0 %" in lines[2] and "4.0 → 6.5 / 4.0 → 6.5" in lines[2]
     assert lines[2].count("+2.5 [+0.5, +4.5] / +2.5 [+0.5, +4.5]") == 2 and "balanced: prompt TR % (wiki / gsm8k)" in lines[0]
 
